@@ -128,10 +128,9 @@ impl Instance {
             return invalid("host", "is empty".into());
         }
         if self.host.len() > MAX_FIELD
-            || !self
-                .host
-                .chars()
-                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | ':' | '_' | '[' | ']'))
+            || !self.host.chars().all(|c| {
+                c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | ':' | '_' | '[' | ']')
+            })
         {
             return invalid(
                 "host",
@@ -142,31 +141,48 @@ impl Instance {
             return invalid("port", "0 is not a usable port; use 1-65535".into());
         }
         if self.version.len() > MAX_FIELD {
-            return invalid("version", format!("{} bytes long; at most {MAX_FIELD}", self.version.len()));
+            return invalid(
+                "version",
+                format!("{} bytes long; at most {MAX_FIELD}", self.version.len()),
+            );
         }
         if self.metadata.len() > MAX_METADATA {
-            return invalid("metadata", format!("{} entries; at most {MAX_METADATA}", self.metadata.len()));
+            return invalid(
+                "metadata",
+                format!("{} entries; at most {MAX_METADATA}", self.metadata.len()),
+            );
         }
         for (key, value) in &self.metadata {
             if key.is_empty() || key.len() > MAX_FIELD || value.len() > MAX_FIELD {
                 return invalid(
                     "metadata",
-                    format!("entry {:?}: keys must be 1-{MAX_FIELD} bytes, values at most {MAX_FIELD}", cut(key)),
+                    format!(
+                        "entry {:?}: keys must be 1-{MAX_FIELD} bytes, values at most {MAX_FIELD}",
+                        cut(key)
+                    ),
                 );
             }
         }
         if let Some(check) = &self.health_check {
             let endpoint = &check.endpoint;
-            if !(endpoint.starts_with('/') || endpoint.starts_with("http://")) || endpoint.len() > 2048 {
+            if !(endpoint.starts_with('/') || endpoint.starts_with("http://"))
+                || endpoint.len() > 2048
+            {
                 return invalid(
                     "health_check.endpoint",
-                    format!("{:?} must be a path starting with '/' or an http:// URL", cut(endpoint)),
+                    format!(
+                        "{:?} must be a path starting with '/' or an http:// URL",
+                        cut(endpoint)
+                    ),
                 );
             }
             if let Some(interval) = check.interval
                 && interval.get() < Duration::from_millis(10)
             {
-                return invalid("health_check.interval", format!("{interval} is too short; at least 10ms"));
+                return invalid(
+                    "health_check.interval",
+                    format!("{interval} is too short; at least 10ms"),
+                );
             }
         }
         if let Some(ttl) = self.ttl
@@ -246,12 +262,42 @@ mod tests {
         assert!(ok().validate().is_ok());
         let cases: Vec<(Instance, &str)> = vec![
             (Instance { port: 0, ..ok() }, "port"),
-            (Instance { host: String::new(), ..ok() }, "host"),
-            (Instance { host: "a b".into(), ..ok() }, "host"),
-            (Instance { id: "a/b".into(), ..ok() }, "instance id"),
-            (Instance { id: String::new(), ..ok() }, "instance id is empty"),
-            (ok().health_check("health", Duration::from_secs(1)), "health_check.endpoint"),
-            (ok().health_check("/health", Duration::from_millis(1)), "health_check.interval"),
+            (
+                Instance {
+                    host: String::new(),
+                    ..ok()
+                },
+                "host",
+            ),
+            (
+                Instance {
+                    host: "a b".into(),
+                    ..ok()
+                },
+                "host",
+            ),
+            (
+                Instance {
+                    id: "a/b".into(),
+                    ..ok()
+                },
+                "instance id",
+            ),
+            (
+                Instance {
+                    id: String::new(),
+                    ..ok()
+                },
+                "instance id is empty",
+            ),
+            (
+                ok().health_check("health", Duration::from_secs(1)),
+                "health_check.endpoint",
+            ),
+            (
+                ok().health_check("/health", Duration::from_millis(1)),
+                "health_check.interval",
+            ),
             (ok().ttl(Duration::from_millis(1)), "ttl"),
         ];
         for (instance, needle) in cases {
@@ -265,16 +311,33 @@ mod tests {
         let json = r#"{"id":"a","host":"localhost","port":3001,"version":"1.2.0",
             "metadata":{"region":"us-east-1"},"health_check":{"endpoint":"/health","interval":30000},"ttl":"1m"}"#;
         let instance: Instance = serde_json::from_str(json).unwrap();
-        assert_eq!(instance.health_check.as_ref().unwrap().interval.unwrap().get(), Duration::from_secs(30));
+        assert_eq!(
+            instance
+                .health_check
+                .as_ref()
+                .unwrap()
+                .interval
+                .unwrap()
+                .get(),
+            Duration::from_secs(30)
+        );
         assert_eq!(instance.ttl.unwrap().get(), Duration::from_secs(60));
-        assert_eq!(instance.health_url().unwrap(), "http://localhost:3001/health");
+        assert_eq!(
+            instance.health_url().unwrap(),
+            "http://localhost:3001/health"
+        );
         for (bad, needle) in [
             (r#"{"id":"a","host":"h","port":70000}"#, "70000"),
             (r#"{"id":"a","host":"h","port":"80"}"#, "invalid type"),
             (r#"{"id":"a","host":"h","port":1,"ttl":"-1s"}"#, "negative"),
-            (r#"{"id":"a","host":"h","port":1,"colour":1}"#, "unknown field `colour`"),
+            (
+                r#"{"id":"a","host":"h","port":1,"colour":1}"#,
+                "unknown field `colour`",
+            ),
         ] {
-            let err = serde_json::from_str::<Instance>(bad).unwrap_err().to_string();
+            let err = serde_json::from_str::<Instance>(bad)
+                .unwrap_err()
+                .to_string();
             assert!(err.contains(needle), "{bad}: {err}");
         }
     }

@@ -345,8 +345,7 @@ impl ServiceRegistry {
     pub async fn deregister(&self, service: &str, id: &str) -> Result<bool, RegistryError> {
         validate_name(NameKind::Service, service)?;
         validate_name(NameKind::Instance, id)?;
-        if let Some(owned) = lock(&self.inner.owned).remove(&(service.to_owned(), id.to_owned()))
-        {
+        if let Some(owned) = lock(&self.inner.owned).remove(&(service.to_owned(), id.to_owned())) {
             owned.task.abort();
         }
         let existed = self
@@ -432,7 +431,13 @@ impl ServiceRegistry {
 
 impl Drop for Inner {
     fn drop(&mut self) {
-        for owned in self.owned.get_mut().map(|o| o.values()).into_iter().flatten() {
+        for owned in self
+            .owned
+            .get_mut()
+            .map(|o| o.values())
+            .into_iter()
+            .flatten()
+        {
             owned.task.abort();
         }
     }
@@ -530,7 +535,10 @@ impl Inner {
             if record.expires_at_ms != 0 {
                 next_expiry = next_expiry.min(record.expires_at_ms);
             }
-            grouped.entry(record.service.clone()).or_default().push(record);
+            grouped
+                .entry(record.service.clone())
+                .or_default()
+                .push(record);
         }
         let mut services = HashMap::with_capacity(grouped.len());
         for (name, mut instances) in grouped {
@@ -538,14 +546,23 @@ impl Inner {
             let previous = old.services.get(&name);
             let unchanged = previous.is_some_and(|p| {
                 p.instances.len() == instances.len()
-                    && p.instances.iter().zip(&instances).all(|(a, b)| a.same_content(b))
+                    && p.instances
+                        .iter()
+                        .zip(&instances)
+                        .all(|(a, b)| a.same_content(b))
             });
             let generation = match previous {
                 Some(p) if unchanged => p.generation,
                 Some(p) => p.generation + 1,
                 None => 1,
             };
-            services.insert(name, Arc::new(ServiceEntry { instances, generation }));
+            services.insert(
+                name,
+                Arc::new(ServiceEntry {
+                    instances,
+                    generation,
+                }),
+            );
         }
         // Services that vanished keep an empty entry with a new generation, so watchers see
         // the removal.
@@ -686,14 +703,26 @@ mod tests {
             successes: 0,
             failures: 0,
         };
-        assert_eq!(t.observe(true, &options), InstanceStatus::Healthy, "first result decides");
+        assert_eq!(
+            t.observe(true, &options),
+            InstanceStatus::Healthy,
+            "first result decides"
+        );
         assert_eq!(t.observe(false, &options), InstanceStatus::Healthy);
         assert_eq!(t.observe(false, &options), InstanceStatus::Healthy);
-        assert_eq!(t.observe(false, &options), InstanceStatus::Unhealthy, "after 3 failures");
+        assert_eq!(
+            t.observe(false, &options),
+            InstanceStatus::Unhealthy,
+            "after 3 failures"
+        );
         assert_eq!(t.observe(true, &options), InstanceStatus::Unhealthy);
         assert_eq!(t.observe(false, &options), InstanceStatus::Unhealthy);
         assert_eq!(t.observe(true, &options), InstanceStatus::Unhealthy);
-        assert_eq!(t.observe(true, &options), InstanceStatus::Healthy, "after 2 successes");
+        assert_eq!(
+            t.observe(true, &options),
+            InstanceStatus::Healthy,
+            "after 2 successes"
+        );
     }
 
     #[test]

@@ -75,7 +75,10 @@ impl Discovery {
     }
 
     /// Live instances running `version`.
-    pub fn with_version<'a>(&'a self, version: &'a str) -> impl Iterator<Item = &'a InstanceRecord> + 'a {
+    pub fn with_version<'a>(
+        &'a self,
+        version: &'a str,
+    ) -> impl Iterator<Item = &'a InstanceRecord> + 'a {
         self.iter().filter(move |r| r.instance.version == version)
     }
 
@@ -128,7 +131,10 @@ impl RegistryWatch {
         loop {
             let discovery = {
                 let snapshot = self.rx.borrow_and_update();
-                Discovery::new(snapshot.services.get(&self.service).cloned(), snapshot.stale)
+                Discovery::new(
+                    snapshot.services.get(&self.service).cloned(),
+                    snapshot.stale,
+                )
             };
             if self.last != Some(discovery.key()) {
                 self.last = Some(discovery.key());

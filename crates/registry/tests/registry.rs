@@ -42,22 +42,40 @@ async fn within(limit: Duration, mut check: impl FnMut() -> bool) -> Option<Dura
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn register_discover_filter_deregister() {
     let dir = tempfile::tempdir().unwrap();
-    let registry = ServiceRegistry::start(&open(&dir).await, fast()).await.unwrap();
-    for (id, version, region) in [("u1", "1.2.0", "us-east-1"), ("u2", "1.2.0", "eu-west-1"), ("u3", "1.3.0", "us-east-1")] {
+    let registry = ServiceRegistry::start(&open(&dir).await, fast())
+        .await
+        .unwrap();
+    for (id, version, region) in [
+        ("u1", "1.2.0", "us-east-1"),
+        ("u2", "1.2.0", "eu-west-1"),
+        ("u3", "1.3.0", "us-east-1"),
+    ] {
         registry
             .register(
                 "user-service",
-                Instance::new(id, "127.0.0.1", 3001).version(version).metadata("region", region),
+                Instance::new(id, "127.0.0.1", 3001)
+                    .version(version)
+                    .metadata("region", region),
             )
             .await
             .unwrap();
     }
     let found = registry.discover("user-service");
     assert!(!found.is_stale());
-    assert_eq!(found.iter().map(|r| r.instance.id.as_str()).collect::<Vec<_>>(), ["u1", "u2", "u3"]);
+    assert_eq!(
+        found
+            .iter()
+            .map(|r| r.instance.id.as_str())
+            .collect::<Vec<_>>(),
+        ["u1", "u2", "u3"]
+    );
     assert_eq!(found.with_version("1.2.0").count(), 2);
     assert_eq!(found.with_metadata("region", "us-east-1").count(), 2);
-    assert!(found.iter().all(|r| r.status == InstanceStatus::Unknown && r.expires_at_ms > 0));
+    assert!(
+        found
+            .iter()
+            .all(|r| r.status == InstanceStatus::Unknown && r.expires_at_ms > 0)
+    );
     assert_eq!(registry.services(), vec![("user-service".to_owned(), 3)]);
     assert!(registry.discover("nobody").is_empty());
 
@@ -65,19 +83,30 @@ async fn register_discover_filter_deregister() {
     assert!(!registry.deregister("user-service", "u2").await.unwrap());
     assert_eq!(registry.discover("user-service").len(), 2);
     registry.shutdown().await.unwrap();
-    let after = ServiceRegistry::start(&open(&dir).await, fast()).await.unwrap();
-    assert!(after.discover("user-service").is_empty(), "shutdown deregisters");
+    let after = ServiceRegistry::start(&open(&dir).await, fast())
+        .await
+        .unwrap();
+    assert!(
+        after.discover("user-service").is_empty(),
+        "shutdown deregisters"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_input_is_rejected() {
     let dir = tempfile::tempdir().unwrap();
-    let registry = ServiceRegistry::start(&open(&dir).await, fast()).await.unwrap();
+    let registry = ServiceRegistry::start(&open(&dir).await, fast())
+        .await
+        .unwrap();
     let cases = [
         ("", Instance::new("a", "h", 1), "service name is empty"),
         ("a/b", Instance::new("a", "h", 1), "contains '/'"),
         ("svc", Instance::new("a", "h", 0), "port"),
-        ("svc", Instance::new("a", "h", 1).health_check("/h", Duration::from_secs(5)), "shorter than the ttl"),
+        (
+            "svc",
+            Instance::new("a", "h", 1).health_check("/h", Duration::from_secs(5)),
+            "shorter than the ttl",
+        ),
     ];
     for (service, instance, needle) in cases {
         let err = registry.register(service, instance).await.unwrap_err();
@@ -85,34 +114,57 @@ async fn bad_input_is_rejected() {
         assert!(err.to_string().contains(needle), "{needle}: {err}");
     }
     assert!(registry.services().is_empty(), "nothing stored");
-    assert!(matches!(registry.heartbeat("svc", "nope"), Err(RegistryError::NotRegistered { .. })));
+    assert!(matches!(
+        registry.heartbeat("svc", "nope"),
+        Err(RegistryError::NotRegistered { .. })
+    ));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn another_process_discovers_and_sees_the_lease_lapse() {
     let dir = tempfile::tempdir().unwrap();
     // Two stores on one file: two connections, exactly as two processes would have.
-    let a = ServiceRegistry::start(&open(&dir).await, fast()).await.unwrap();
-    let b = ServiceRegistry::start(&open(&dir).await, fast()).await.unwrap();
+    let a = ServiceRegistry::start(&open(&dir).await, fast())
+        .await
+        .unwrap();
+    let b = ServiceRegistry::start(&open(&dir).await, fast())
+        .await
+        .unwrap();
     let mut watch = b.watch("order-service");
-    assert!(watch.changed().await.unwrap().is_empty(), "first change is the current state");
-    a.register("order-service", Instance::new("o1", "127.0.0.1", 4000)).await.unwrap();
-    let seen = tokio::time::timeout(Duration::from_secs(5), watch.changed()).await.unwrap().unwrap();
+    assert!(
+        watch.changed().await.unwrap().is_empty(),
+        "first change is the current state"
+    );
+    a.register("order-service", Instance::new("o1", "127.0.0.1", 4000))
+        .await
+        .unwrap();
+    let seen = tokio::time::timeout(Duration::from_secs(5), watch.changed())
+        .await
+        .unwrap()
+        .unwrap();
     assert_eq!(seen.to_vec()[0].instance.id, "o1");
     assert_eq!(b.discover("order-service").len(), 1);
 
     // Renewals keep it alive past several ttls.
-    let keep = within(Duration::from_millis(2_000), || b.discover("order-service").is_empty()).await;
+    let keep = within(Duration::from_millis(2_000), || {
+        b.discover("order-service").is_empty()
+    })
+    .await;
     assert!(keep.is_none(), "lease lapsed while its owner was alive");
 
     // The owner vanishes without deregistering (its tasks stop with it).
     drop(a);
-    let gone = within(Duration::from_secs(5), || b.discover("order-service").is_empty())
-        .await
-        .expect("instance still discoverable 5 s after its owner died");
+    let gone = within(Duration::from_secs(5), || {
+        b.discover("order-service").is_empty()
+    })
+    .await
+    .expect("instance still discoverable 5 s after its owner died");
     let bound = fast().ttl + fast().health_check_interval + Duration::from_millis(200);
     assert!(gone <= bound, "vanished after {gone:?}, bound {bound:?}");
-    let seen = tokio::time::timeout(Duration::from_secs(5), watch.changed()).await.unwrap().unwrap();
+    let seen = tokio::time::timeout(Duration::from_secs(5), watch.changed())
+        .await
+        .unwrap()
+        .unwrap();
     assert!(seen.is_empty(), "watch sees the expiry");
 }
 
@@ -132,57 +184,97 @@ async fn upstream() -> Upstream {
             let (h, c) = (h.clone(), c.clone());
             async move {
                 c.fetch_add(1, Ordering::SeqCst);
-                if h.load(Ordering::SeqCst) { StatusCode::OK } else { StatusCode::INTERNAL_SERVER_ERROR }
+                if h.load(Ordering::SeqCst) {
+                    StatusCode::OK
+                } else {
+                    StatusCode::INTERNAL_SERVER_ERROR
+                }
             }
         }),
     );
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let port = listener.local_addr().unwrap().port();
     tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
-    Upstream { healthy, hits, port }
+    Upstream {
+        healthy,
+        hits,
+        port,
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn http_health_check_thresholds() {
     let dir = tempfile::tempdir().unwrap();
-    let registry = ServiceRegistry::start(&open(&dir).await, fast()).await.unwrap();
+    let registry = ServiceRegistry::start(&open(&dir).await, fast())
+        .await
+        .unwrap();
     let up = upstream().await;
     registry
         .register(
             "inventory",
-            Instance::new("i1", "127.0.0.1", up.port).health_check("/health", Duration::from_millis(50)),
+            Instance::new("i1", "127.0.0.1", up.port)
+                .health_check("/health", Duration::from_millis(50)),
         )
         .await
         .unwrap();
     let status = || registry.discover("inventory").to_vec()[0].status;
-    within(Duration::from_secs(5), || status() == InstanceStatus::Healthy).await.expect("healthy");
+    within(Duration::from_secs(5), || {
+        status() == InstanceStatus::Healthy
+    })
+    .await
+    .expect("healthy");
 
     up.healthy.store(false, Ordering::SeqCst);
     let before = up.hits.load(Ordering::SeqCst);
-    within(Duration::from_secs(5), || status() == InstanceStatus::Unhealthy).await.expect("unhealthy");
+    within(Duration::from_secs(5), || {
+        status() == InstanceStatus::Unhealthy
+    })
+    .await
+    .expect("unhealthy");
     let failures = up.hits.load(Ordering::SeqCst) - before;
-    assert!(failures >= 3, "turned unhealthy after {failures} failed checks; threshold is 3");
+    assert!(
+        failures >= 3,
+        "turned unhealthy after {failures} failed checks; threshold is 3"
+    );
 
     up.healthy.store(true, Ordering::SeqCst);
     let before = up.hits.load(Ordering::SeqCst);
-    within(Duration::from_secs(5), || status() == InstanceStatus::Healthy).await.expect("recovers");
+    within(Duration::from_secs(5), || {
+        status() == InstanceStatus::Healthy
+    })
+    .await
+    .expect("recovers");
     let successes = up.hits.load(Ordering::SeqCst) - before;
-    assert!(successes >= 2, "healthy again after {successes} checks; threshold is 2");
+    assert!(
+        successes >= 2,
+        "healthy again after {successes} checks; threshold is 2"
+    );
     registry.shutdown().await.unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn heartbeats_and_monitors_set_the_status() {
     let dir = tempfile::tempdir().unwrap();
-    let registry = ServiceRegistry::start(&open(&dir).await, fast()).await.unwrap();
-    let reg = registry.register("beats", Instance::new("b1", "127.0.0.1", 1)).await.unwrap();
+    let registry = ServiceRegistry::start(&open(&dir).await, fast())
+        .await
+        .unwrap();
+    let reg = registry
+        .register("beats", Instance::new("b1", "127.0.0.1", 1))
+        .await
+        .unwrap();
     let status = |s: &str| registry.discover(s).to_vec()[0].status;
     assert_eq!(status("beats"), InstanceStatus::Unknown);
     reg.heartbeat().unwrap();
-    within(Duration::from_secs(3), || status("beats") == InstanceStatus::Healthy).await.expect("heartbeat → healthy");
-    within(Duration::from_secs(3), || status("beats") == InstanceStatus::Unhealthy)
-        .await
-        .expect("no heartbeat for a ttl → unhealthy");
+    within(Duration::from_secs(3), || {
+        status("beats") == InstanceStatus::Healthy
+    })
+    .await
+    .expect("heartbeat → healthy");
+    within(Duration::from_secs(3), || {
+        status("beats") == InstanceStatus::Unhealthy
+    })
+    .await
+    .expect("no heartbeat for a ttl → unhealthy");
 
     let ok = Arc::new(AtomicBool::new(true));
     let flag = ok.clone();
@@ -191,15 +283,32 @@ async fn heartbeats_and_monitors_set_the_status() {
             "flag",
             trellis_health::check_fn(move || {
                 let flag = flag.clone();
-                async move { if flag.load(Ordering::SeqCst) { Ok(()) } else { Err("down".into()) } }
+                async move {
+                    if flag.load(Ordering::SeqCst) {
+                        Ok(())
+                    } else {
+                        Err("down".into())
+                    }
+                }
             }),
         )
         .cache_ttl(Duration::ZERO)
         .build();
-    registry.register_with_monitor("mon", Instance::new("m1", "127.0.0.1", 2), monitor).await.unwrap();
-    within(Duration::from_secs(3), || status("mon") == InstanceStatus::Healthy).await.expect("monitor healthy");
+    registry
+        .register_with_monitor("mon", Instance::new("m1", "127.0.0.1", 2), monitor)
+        .await
+        .unwrap();
+    within(Duration::from_secs(3), || {
+        status("mon") == InstanceStatus::Healthy
+    })
+    .await
+    .expect("monitor healthy");
     ok.store(false, Ordering::SeqCst);
-    within(Duration::from_secs(3), || status("mon") == InstanceStatus::Unhealthy).await.expect("monitor unhealthy");
+    within(Duration::from_secs(3), || {
+        status("mon") == InstanceStatus::Unhealthy
+    })
+    .await
+    .expect("monitor unhealthy");
     assert!(reg.deregister().await.unwrap());
 }
 
@@ -208,24 +317,47 @@ async fn store_outage_serves_a_stale_snapshot() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("registry.db");
     let moved = dir.path().join("elsewhere.db");
-    let a = ServiceRegistry::start(&open(&dir).await, fast()).await.unwrap();
-    let b = ServiceRegistry::start(&open(&dir).await, fast()).await.unwrap();
-    a.register("pay", Instance::new("p1", "127.0.0.1", 5000)).await.unwrap();
-    within(Duration::from_secs(3), || b.discover("pay").len() == 1).await.unwrap();
+    let a = ServiceRegistry::start(&open(&dir).await, fast())
+        .await
+        .unwrap();
+    let b = ServiceRegistry::start(&open(&dir).await, fast())
+        .await
+        .unwrap();
+    a.register("pay", Instance::new("p1", "127.0.0.1", 5000))
+        .await
+        .unwrap();
+    within(Duration::from_secs(3), || b.discover("pay").len() == 1)
+        .await
+        .unwrap();
 
     std::fs::rename(&path, &moved).unwrap();
-    within(Duration::from_secs(3), || b.is_stale()).await.expect("outage noticed");
+    within(Duration::from_secs(3), || b.is_stale())
+        .await
+        .expect("outage noticed");
     // Long past the ttl, the last known instances are still served, marked stale.
     tokio::time::sleep(fast().ttl * 2).await;
     let found = b.discover("pay");
     assert!(found.is_stale());
     assert_eq!(found.len(), 1);
-    let err = b.register("pay", Instance::new("p2", "127.0.0.1", 5001)).await.unwrap_err();
-    assert!(err.to_string().contains("registry.db"), "error names the file: {err}");
-    assert!(matches!(err, RegistryError::Store(ref e) if e.is_unavailable()), "{err}");
+    let err = b
+        .register("pay", Instance::new("p2", "127.0.0.1", 5001))
+        .await
+        .unwrap_err();
+    assert!(
+        err.to_string().contains("registry.db"),
+        "error names the file: {err}"
+    );
+    assert!(
+        matches!(err, RegistryError::Store(ref e) if e.is_unavailable()),
+        "{err}"
+    );
 
     // The file comes back: both recover, the owner's lease renewals resume.
     std::fs::rename(&moved, &path).unwrap();
-    within(Duration::from_secs(3), || !b.is_stale()).await.expect("recovered");
-    within(Duration::from_secs(3), || b.discover("pay").len() == 1).await.expect("instance back");
+    within(Duration::from_secs(3), || !b.is_stale())
+        .await
+        .expect("recovered");
+    within(Duration::from_secs(3), || b.discover("pay").len() == 1)
+        .await
+        .expect("instance back");
 }
