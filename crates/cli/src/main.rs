@@ -1,0 +1,279 @@
+//! The `trellis` command. Thin on purpose: it parses flags, builds settings and calls the
+//! libraries; everything it runs can also be started inside a test.
+
+mod client;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Args, Parser, Subcommand};
+use trellis_admin::{Node, Settings};
+
+/// Trellis: microservices that find each other, talk safely, stay consistent and ship.
+#[derive(Debug, Parser)]
+#[command(name = "trellis", version, about, propagate_version = true)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run a node: the admin API over the registry, configuration, health and metrics.
+    Up(UpArgs),
+    /// Registered services.
+    Services {
+        #[command(subcommand)]
+        command: ServicesCommand,
+    },
+    /// Service configuration.
+    Config {
+        #[command(subcommand)]
+        command: ConfigCommand,
+    },
+}
+
+#[derive(Debug, Args)]
+struct UpArgs {
+    /// Store URL [default: sqlite://./trellis-data/trellis.db].
+    #[arg(long, env = "TRELLIS_STORE", value_name = "URL")]
+    store: Option<String>,
+    /// Admin server address [default: 127.0.0.1:9901].
+    #[arg(long, env = "TRELLIS_ADMIN_LISTEN", value_name = "ADDR")]
+    admin: Option<String>,
+    /// Settings file (TOML).
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// Token the admin API requires (mandatory beyond loopback).
+    #[arg(
+        long,
+        env = "TRELLIS_ADMIN_TOKEN",
+        value_name = "TOKEN",
+        hide_env_values = true
+    )]
+    admin_token: Option<String>,
+}
+
+/// Where a running admin server is.
+#[derive(Debug, Args, Clone)]
+struct Remote {
+    /// Admin server: `HOST:PORT` or an `http://` URL.
+    #[arg(
+        long,
+        env = "TRELLIS_ADMIN",
+        default_value = "127.0.0.1:9901",
+        global = true
+    )]
+    admin: String,
+    /// Token for an admin server that requires one.
+    #[arg(
+        long,
+        env = "TRELLIS_ADMIN_TOKEN",
+        hide_env_values = true,
+        global = true
+    )]
+    admin_token: Option<String>,
+}
+
+#[derive(Debug, Subcommand)]
+enum ServicesCommand {
+    /// List services with their instance counts.
+    Ls {
+        #[command(flatten)]
+        remote: Remote,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum ConfigCommand {
+    /// Print the current configuration of a service.
+    Get {
+        /// Service name.
+        service: String,
+        /// Environment [default: the server's].
+        #[arg(long)]
+        env: Option<String>,
+        #[command(flatten)]
+        remote: Remote,
+    },
+    /// Store a new configuration version (a JSON object).
+    Set {
+        /// Service name.
+        service: String,
+        /// The JSON document; omit it to use --file.
+        json: Option<String>,
+        /// Read the JSON document from a file.
+        #[arg(long, conflicts_with = "json")]
+        file: Option<PathBuf>,
+        /// Environment [default: the server's].
+        #[arg(long)]
+        env: Option<String>,
+        /// Fail with a conflict unless the current version is this one.
+        #[arg(long)]
+        expected_version: Option<u64>,
+        #[command(flatten)]
+        remote: Remote,
+    },
+    /// Print every stored version.
+    History {
+        /// Service name.
+        service: String,
+        /// Environment [default: the server's].
+        #[arg(long)]
+        env: Option<String>,
+        #[command(flatten)]
+        remote: Remote,
+    },
+    /// Restore an old version as a new one.
+    Rollback {
+        /// Service name.
+        service: String,
+        /// The version to restore.
+        #[arg(long)]
+        version: u64,
+        /// Environment [default: the server's].
+        #[arg(long)]
+        env: Option<String>,
+        #[command(flatten)]
+        remote: Remote,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = runtime.block_on(run(cli));
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(message) => {
+            eprintln!("error: {message}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(cli: Cli) -> Result<(), String> {
+    match cli.command {
+        Command::Up(args) => up(args).await,
+        Command::Services {
+            command: ServicesCommand::Ls { remote },
+        } => {
+            client::Client::new(&remote.admin, remote.admin_token)?
+                .services_ls()
+                .await
+        }
+        Command::Config { command } => config(command).await,
+    }
+}
+
+async fn up(args: UpArgs) -> Result<(), String> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let mut settings = match &args.config {
+        Some(path) => Settings::load(path).map_err(|e| e.to_string())?,
+        None => Settings::default(),
+    };
+    if let Some(store) = args.store {
+        settings.store.url = store;
+    }
+    if let Some(admin) = args.admin {
+        settings.admin.listen = admin;
+    }
+    if let Some(token) = args.admin_token {
+        settings.admin.token = Some(token);
+    }
+    let node = Node::start(settings).await.map_err(|e| e.to_string())?;
+    // One line on stdout, for people and for scripts that wait for it.
+    println!("trellis up: admin API on http://{}", node.admin_addr());
+    shutdown_signal().await;
+    node.shutdown().await.map_err(|e| e.to_string())
+}
+
+async fn shutdown_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = tokio::signal::ctrl_c() => {}
+                    _ = term.recv() => {}
+                }
+            }
+            Err(_) => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}
+
+async fn config(command: ConfigCommand) -> Result<(), String> {
+    match command {
+        ConfigCommand::Get {
+            service,
+            env,
+            remote,
+        } => {
+            client::Client::new(&remote.admin, remote.admin_token)?
+                .config_get(&service, env.as_deref())
+                .await
+        }
+        ConfigCommand::Set {
+            service,
+            json,
+            file,
+            env,
+            expected_version,
+            remote,
+        } => {
+            let text = match (json, file) {
+                (Some(json), None) => json,
+                (None, Some(file)) => std::fs::read_to_string(&file)
+                    .map_err(|e| format!("cannot read {}: {e}", file.display()))?,
+                _ => return Err("give the JSON document as an argument or with --file".into()),
+            };
+            let document: serde_json::Value = serde_json::from_str(&text)
+                .map_err(|e| format!("the configuration is not valid JSON: {e}"))?;
+            client::Client::new(&remote.admin, remote.admin_token)?
+                .config_set(&service, env.as_deref(), expected_version, &document)
+                .await
+        }
+        ConfigCommand::History {
+            service,
+            env,
+            remote,
+        } => {
+            client::Client::new(&remote.admin, remote.admin_token)?
+                .config_history(&service, env.as_deref())
+                .await
+        }
+        ConfigCommand::Rollback {
+            service,
+            version,
+            env,
+            remote,
+        } => {
+            client::Client::new(&remote.admin, remote.admin_token)?
+                .config_rollback(&service, env.as_deref(), version)
+                .await
+        }
+    }
+}
