@@ -305,7 +305,7 @@ mod tests {
             ("[config]\nenvironment = \"a/b\"", "config.environment"),
             ("[registry]\nttl = \"50ms\"", "ttl"),
             ("[admin]\ntoken = \"short\"", "admin.token"),
-            ("[admin", "invalid table header"),
+            ("[admin", "unclosed table"),
         ] {
             let err = Settings::from_toml(text, "trellis.toml")
                 .unwrap_err()

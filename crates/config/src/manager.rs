@@ -28,6 +28,10 @@ use crate::watch::{ConfigWatch, WatchHandle};
 /// writes to one service and environment.
 const WRITE_ATTEMPTS: usize = 256;
 
+/// How many partitions the manager remembers the head of after finding none there, so that
+/// reads of made-up names cannot grow its memory without bound.
+const MAX_KNOWN_EMPTY: usize = 4096;
+
 /// How many versions a watcher reads from the store at once.
 pub(crate) const WATCH_PAGE: usize = 64;
 
@@ -38,8 +42,8 @@ pub(crate) const WATCH_PAGE: usize = 64;
 /// poller that notices other processes' writes.
 ///
 /// Every version of every service's configuration is an immutable [`ConfigVersion`];
-/// writes add version N+1 atomically (see the [`version` layout](crate#storage-layout)),
-/// so concurrent writers from any number of processes never lose an update and never
+/// writes add version N+1 atomically (see the [storage layout](crate#storage-layout)), so
+/// concurrent writers from any number of processes never lose an update and never
 /// produce gaps.
 #[derive(Clone)]
 pub struct ConfigurationManager {
@@ -474,6 +478,9 @@ impl Inner {
 
     fn note_head(&self, partition: &str, head: u64) {
         let mut known = lock(&self.known);
+        if head == 0 && known.len() >= MAX_KNOWN_EMPTY && !known.contains_key(partition) {
+            return;
+        }
         let entry = known.entry(partition.to_owned()).or_default();
         entry.head = entry.head.max(head);
     }
@@ -541,4 +548,58 @@ fn conflict(service: &str, env: &str, expected: u64, current: u64) -> ConfigErro
 
 fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     mutex.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn the_poller_ends_with_the_last_manager_and_watch() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&format!("sqlite://{}/c.db", dir.path().display()))
+            .await
+            .unwrap();
+        let options = ConfigOptions {
+            refresh_interval: Duration::from_millis(10),
+            ..ConfigOptions::for_environment("test")
+        };
+        let manager = ConfigurationManager::new(&store, options).unwrap();
+        let mut watch = manager.watch("svc");
+        // The first `next` starts the poller; nothing is written, so it times out.
+        let waited = tokio::time::timeout(Duration::from_millis(50), watch.next()).await;
+        assert!(waited.is_err());
+        let poller = lock(&manager.inner.poller)
+            .as_ref()
+            .map(JoinHandle::abort_handle)
+            .unwrap();
+        let clone = manager.clone();
+        drop((manager, watch));
+        assert!(!poller.is_finished(), "a clone still holds the manager");
+        drop(clone);
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while !poller.is_finished() {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "poller still running"
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+
+    #[tokio::test]
+    async fn the_memory_of_empty_partitions_is_bounded() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&format!("sqlite://{}/c.db", dir.path().display()))
+            .await
+            .unwrap();
+        let manager =
+            ConfigurationManager::new(&store, ConfigOptions::for_environment("test")).unwrap();
+        for i in 0..MAX_KNOWN_EMPTY + 10 {
+            manager.inner.note_head(&format!("s{i}/test"), 0);
+        }
+        assert_eq!(lock(&manager.inner.known).len(), MAX_KNOWN_EMPTY);
+        manager.inner.note_head("more/test", 3);
+        assert_eq!(manager.inner.known_head("more/test"), Some(3));
+    }
 }

@@ -64,3 +64,20 @@ impl ConfigOptions {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults() {
+        // The environment comes from TRELLIS_ENV, which tests leave alone.
+        let options = ConfigOptions::default();
+        assert_eq!(options.config_table, "service_configs");
+        assert_eq!(options.refresh_interval, Duration::from_secs(1));
+        assert!(!options.environment.is_empty());
+        let explicit = ConfigOptions::for_environment("production");
+        assert_eq!(explicit.environment, "production");
+        assert_eq!(explicit.config_table, options.config_table);
+    }
+}
