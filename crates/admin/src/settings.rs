@@ -62,7 +62,7 @@ pub enum SettingsError {
 }
 
 /// Everything `trellis up` needs.
-#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct Settings {
     /// Where state lives.
@@ -73,17 +73,6 @@ pub struct Settings {
     pub registry: RegistrySettings,
     /// The configuration manager.
     pub config: ConfigSettings,
-}
-
-impl Default for Settings {
-    fn default() -> Self {
-        Settings {
-            store: StoreSettings::default(),
-            admin: AdminSettings::default(),
-            registry: RegistrySettings::default(),
-            config: ConfigSettings::default(),
-        }
-    }
 }
 
 /// `[store]`.

@@ -1,1 +1,3 @@
+//! Registry benchmarks (written next).
+
 fn main() {}

@@ -481,11 +481,10 @@ impl Inner {
             Ok(now_marker) => {
                 let stale = self.snapshot.load().stale;
                 let expired = now_ms() >= self.next_expiry_ms.load(Ordering::Relaxed);
-                if now_marker != marker || now_marker.is_none() || stale || expired {
-                    if let Err(e) = self.reload().await {
-                        self.mark_stale(&e);
-                        return marker;
-                    }
+                let due = now_marker != marker || now_marker.is_none() || stale || expired;
+                if due && let Err(e) = self.reload().await {
+                    self.mark_stale(&e);
+                    return marker;
                 }
                 now_marker
             }
