@@ -129,8 +129,8 @@ enum ConfigCommand {
         /// Service name.
         service: String,
         /// The version to restore.
-        #[arg(long)]
-        version: u64,
+        #[arg(value_name = "VERSION")]
+        target: u64,
         /// Environment [default: the server's].
         #[arg(long)]
         env: Option<String>,
@@ -267,13 +267,23 @@ async fn config(command: ConfigCommand) -> Result<(), String> {
         }
         ConfigCommand::Rollback {
             service,
-            version,
+            target,
             env,
             remote,
         } => {
             client::Client::new(&remote.admin, remote.admin_token)?
-                .config_rollback(&service, env.as_deref(), version)
+                .config_rollback(&service, env.as_deref(), target)
                 .await
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory;
+
+    #[test]
+    fn the_command_line_is_well_formed() {
+        super::Cli::command().debug_assert();
     }
 }

@@ -1,0 +1,370 @@
+//! The `trellis` binary as users run it: real processes on one SQLite file, killed for real.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
+
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+
+const TRELLIS: &str = env!("CARGO_BIN_EXE_trellis");
+
+/// A `trellis up` child process, killed when dropped.
+struct Up {
+    child: Child,
+    addr: String,
+}
+
+impl Drop for Up {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn settings(dir: &Path) -> std::path::PathBuf {
+    let file = dir.join("trellis.toml");
+    std::fs::write(
+        &file,
+        format!(
+            r#"
+[store]
+url = "sqlite://{}/trellis.db"
+[admin]
+listen = "127.0.0.1:0"
+[registry]
+ttl = "1s"
+health_check_interval = "200ms"
+refresh_interval = "50ms"
+"#,
+            dir.display()
+        ),
+    )
+    .unwrap();
+    file
+}
+
+fn up(config: &Path) -> Up {
+    let mut child = Command::new(TRELLIS)
+        .args(["up", "--config"])
+        .arg(config)
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let mut line = String::new();
+    BufReader::new(stdout).read_line(&mut line).unwrap();
+    let addr = line
+        .trim()
+        .strip_prefix("trellis up: admin API on http://")
+        .unwrap_or_else(|| panic!("unexpected first line: {line:?}"))
+        .to_owned();
+    Up { child, addr }
+}
+
+async fn http(method: reqwest::Method, url: String, body: Option<Value>) -> (u16, Value) {
+    let client = reqwest::Client::new();
+    let mut request = client.request(method, url);
+    if let Some(body) = body {
+        request = request.json(&body);
+    }
+    let response = request.send().await.unwrap();
+    let status = response.status().as_u16();
+    (status, response.json().await.unwrap_or(Value::Null))
+}
+
+async fn instances(addr: &str, service: &str) -> Vec<Value> {
+    let (_, body) = http(
+        reqwest::Method::GET,
+        format!("http://{addr}/v1/services/{service}/instances"),
+        None,
+    )
+    .await;
+    body["instances"].as_array().cloned().unwrap_or_default()
+}
+
+async fn health_server() -> (u16, Arc<AtomicUsize>) {
+    let hits = Arc::new(AtomicUsize::new(0));
+    let counter = hits.clone();
+    let app = axum::Router::new().route(
+        "/health",
+        axum::routing::get(move || {
+            counter.fetch_add(1, Ordering::SeqCst);
+            async { "ok" }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    (port, hits)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_processes_share_a_registry_and_a_killed_one_loses_its_instances() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = settings(dir.path());
+    let a = up(&config);
+    let b = up(&config);
+    let (port, hits) = health_server().await;
+
+    let body = json!({"host": "127.0.0.1", "port": port, "version": "1.0.0",
+        "health_check": {"endpoint": "/health", "interval": "200ms"}});
+    let (status, _) = http(
+        reqwest::Method::PUT,
+        format!("http://{}/v1/services/web/instances/w1", a.addr),
+        Some(body),
+    )
+    .await;
+    assert_eq!(status, 201);
+
+    // Discovered through the other process, healthy once A has checked it.
+    let start = Instant::now();
+    loop {
+        let found = instances(&b.addr, "web").await;
+        if found.first().is_some_and(|i| i["status"] == "healthy") {
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "B never saw w1 healthy: {found:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // A keeps the lease: still there after three ttls.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(
+        instances(&b.addr, "web").await.len(),
+        1,
+        "lease lapsed while A was alive"
+    );
+    assert!(hits.load(Ordering::SeqCst) >= 5, "A did not keep checking");
+
+    // SIGKILL: no graceful deregistration. B must drop w1 within ttl + interval.
+    let mut a = a;
+    a.child.kill().unwrap();
+    a.child.wait().unwrap();
+    let killed = Instant::now();
+    loop {
+        if instances(&b.addr, "web").await.is_empty() {
+            break;
+        }
+        assert!(
+            killed.elapsed() < Duration::from_secs(10),
+            "w1 outlived its dead owner"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let gone_after = killed.elapsed();
+    // ttl 1 s + interval 200 ms, plus B's refresh (50 ms) and polling slack.
+    assert!(
+        gone_after <= Duration::from_millis(1_500),
+        "vanished after {gone_after:?}"
+    );
+    eprintln!(
+        "instance vanished {gone_after:?} after its owner was killed (ttl 1s, interval 200ms)"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_deregisters_at_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = settings(dir.path());
+    let a = up(&config);
+    let b = up(&config);
+    let body = json!({"host": "127.0.0.1", "port": 9, "ttl": "30s"});
+    let (status, _) = http(
+        reqwest::Method::PUT,
+        format!("http://{}/v1/services/db/instances/d1", a.addr),
+        Some(body),
+    )
+    .await;
+    assert_eq!(status, 201);
+    let start = Instant::now();
+    while instances(&b.addr, "db").await.len() != 1 {
+        assert!(start.elapsed() < Duration::from_secs(5), "B never saw d1");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+
+    let mut a = a;
+    let pid = a.child.id().to_string();
+    assert!(
+        Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .unwrap()
+            .success()
+    );
+    let exit = a.child.wait().unwrap();
+    assert!(exit.success(), "graceful shutdown exits 0: {exit:?}");
+    // Gone long before its 30 s lease would lapse.
+    let start = Instant::now();
+    while !instances(&b.addr, "db").await.is_empty() {
+        assert!(
+            start.elapsed() < Duration::from_secs(3),
+            "not deregistered on SIGTERM"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+fn trellis(args: &[&str]) -> (i32, String, String) {
+    let out = Command::new(TRELLIS).args(args).output().unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cli_commands_talk_to_a_running_node() {
+    let dir = tempfile::tempdir().unwrap();
+    let node = up(&settings(dir.path()));
+    let admin = node.addr.as_str();
+    http(
+        reqwest::Method::PUT,
+        format!("http://{admin}/v1/services/users/instances/u1"),
+        Some(json!({"host": "127.0.0.1", "port": 3001})),
+    )
+    .await;
+
+    let (code, out, err) = trellis(&["services", "ls", "--admin", admin]);
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        out.lines()
+            .any(|l| l.starts_with("users") && l.trim_end().ends_with('1')),
+        "{out}"
+    );
+
+    let (code, out, err) = trellis(&[
+        "config",
+        "set",
+        "users",
+        r#"{"cache":{"ttl":60}}"#,
+        "--env",
+        "prod",
+        "--admin",
+        admin,
+    ]);
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(serde_json::from_str::<Value>(&out).unwrap()["version"], 1);
+    let file = dir.path().join("v2.json");
+    std::fs::write(&file, r#"{"cache":{"ttl":120}}"#).unwrap();
+    let (code, _, err) = trellis(&[
+        "config",
+        "set",
+        "users",
+        "--file",
+        file.to_str().unwrap(),
+        "--env",
+        "prod",
+        "--admin",
+        admin,
+    ]);
+    assert_eq!(code, 0, "{err}");
+    let (code, out, _) = trellis(&["config", "get", "users", "--env", "prod", "--admin", admin]);
+    assert_eq!(code, 0);
+    assert_eq!(
+        serde_json::from_str::<Value>(&out).unwrap()["config"]["cache"]["ttl"],
+        120
+    );
+    let (code, out, _) = trellis(&[
+        "config", "rollback", "users", "1", "--env", "prod", "--admin", admin,
+    ]);
+    assert_eq!(code, 0);
+    let rolled: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(
+        (
+            rolled["version"].as_u64(),
+            rolled["config"]["cache"]["ttl"].as_u64()
+        ),
+        (Some(3), Some(60))
+    );
+    let (code, out, _) = trellis(&[
+        "config", "history", "users", "--env", "prod", "--admin", admin,
+    ]);
+    assert_eq!(code, 0);
+    assert_eq!(
+        serde_json::from_str::<Value>(&out).unwrap()["versions"]
+            .as_array()
+            .unwrap()
+            .len(),
+        3
+    );
+
+    // Bad input: a clear message, a failing exit code, nothing changed.
+    let (code, _, err) = trellis(&[
+        "config",
+        "set",
+        "users",
+        "{not json",
+        "--env",
+        "prod",
+        "--admin",
+        admin,
+    ]);
+    assert_eq!(code, 1);
+    assert!(err.contains("not valid JSON"), "{err}");
+    let (code, _, err) = trellis(&[
+        "config", "set", "users", "[1]", "--env", "prod", "--admin", admin,
+    ]);
+    assert_eq!(code, 1);
+    assert!(
+        err.contains("400 invalid_request") && err.contains("JSON object"),
+        "{err}"
+    );
+    let (code, _, err) = trellis(&["config", "rollback", "users", "nine", "--admin", admin]);
+    assert_eq!(code, 2, "clap rejects the argument");
+    assert!(err.contains("<VERSION>") && err.contains("nine"), "{err}");
+    let (code, _, err) = trellis(&["services", "ls", "--admin", "127.0.0.1:1"]);
+    assert_eq!(code, 1);
+    assert!(err.contains("unreachable"), "{err}");
+    let (code, _, err) = trellis(&["servics", "ls"]);
+    assert_eq!(code, 2);
+    assert!(err.contains("unrecognized subcommand"), "{err}");
+    let (_, out, _) = trellis(&[
+        "config", "history", "users", "--env", "prod", "--admin", admin,
+    ]);
+    assert_eq!(
+        serde_json::from_str::<Value>(&out).unwrap()["versions"]
+            .as_array()
+            .unwrap()
+            .len(),
+        3
+    );
+}
+
+#[test]
+fn up_rejects_bad_settings_with_the_reason() {
+    let dir = tempfile::tempdir().unwrap();
+    let cases = [
+        ("[registry]\nttl = \"-1s\"\n", "negative"),
+        ("[admin]\nlisten = \"everywhere\"\n", "admin.listen"),
+        ("[gatewya]\n", "unknown field `gatewya`"),
+    ];
+    for (text, needle) in cases {
+        let file = dir.path().join("bad.toml");
+        std::fs::write(&file, text).unwrap();
+        let (code, _, err) = trellis(&["up", "--config", file.to_str().unwrap()]);
+        assert_eq!(code, 1, "{text}");
+        assert!(err.contains(needle), "{text}: {err}");
+    }
+    let (code, _, err) = trellis(&[
+        "up",
+        "--store",
+        "postgres://nowhere",
+        "--admin",
+        "127.0.0.1:0",
+    ]);
+    assert_eq!(code, 1);
+    assert!(err.contains("unknown scheme"), "{err}");
+    let (code, _, err) = trellis(&["up", "--config", "/nonexistent/trellis.toml"]);
+    assert_eq!(code, 1);
+    assert!(err.contains("/nonexistent/trellis.toml"), "{err}");
+}
