@@ -1,0 +1,30 @@
+//! # trellis-gateway
+//!
+//! The API gateway (the seed's `APIGateway`): routes configured in TOML or with
+//! [`RouteConfig`], upstream instances from the [`ServiceRegistry`](trellis_registry::ServiceRegistry)
+//! snapshot, a load balancer per route, prefix stripping, `X-Forwarded-For`/`-Proto`/`-Host`,
+//! request ids, limits on heads and bodies, per-route timeouts, and JSON errors
+//! (`{"error": "...", "detail": "..."}`): 400 unsafe path, 404 no route, 413 too large,
+//! 502 upstream unreachable, 503 no healthy instance, 504 upstream timeout.
+//!
+//! Built on hyper: HTTP/1.1 and HTTP/2 (h2c) towards clients, pooled keep-alive connections
+//! towards upstreams, streaming bodies.
+//!
+//! ```no_run
+//! # async fn run(registry: trellis_registry::ServiceRegistry) -> Result<(), trellis_gateway::GatewayError> {
+//! use trellis_gateway::{ApiGateway, GatewayConfig, RouteConfig};
+//! let mut config = GatewayConfig::default();
+//! config.routes.push(RouteConfig::new("/api/users/*", "user-service").strip_prefix("/api/users"));
+//! let gateway = ApiGateway::new(config, registry)?.start().await?;
+//! println!("gateway on http://{}", gateway.local_addr());
+//! # Ok(()) }
+//! ```
+
+mod config;
+mod proxy;
+mod route;
+mod server;
+
+pub use config::{ConfigError, GatewayConfig, Limits, LoadBalancer, RouteConfig};
+pub use proxy::{Body, BoxError};
+pub use server::{ApiGateway, GatewayError, RunningGateway};

@@ -1,0 +1,281 @@
+//! Route matching, path safety and prefix stripping.
+
+use http::{HeaderMap, HeaderName, HeaderValue, Method};
+use percent_encoding::percent_decode_str;
+
+use crate::config::{LoadBalancer, RouteConfig};
+
+/// A route ready for matching.
+#[derive(Debug)]
+pub(crate) struct Route {
+    pub(crate) config: RouteConfig,
+    /// The path pattern without a trailing `/*` (empty for `/*`).
+    prefix: String,
+    wildcard: bool,
+    methods: Vec<Method>,
+    host: Option<String>,
+    headers: Vec<(HeaderName, HeaderValue)>,
+    pub(crate) load_balancer: LoadBalancer,
+    /// Round-robin position.
+    pub(crate) turns: std::sync::atomic::AtomicUsize,
+}
+
+/// All routes, most specific first.
+#[derive(Debug, Default)]
+pub(crate) struct RouteTable {
+    pub(crate) routes: Vec<Route>,
+}
+
+impl RouteTable {
+    /// Compiles validated route configs.
+    pub(crate) fn new(configs: &[RouteConfig], default_lb: LoadBalancer) -> Self {
+        let mut routes: Vec<Route> = configs
+            .iter()
+            .map(|config| {
+                let (prefix, wildcard) = match config.path.strip_suffix("/*") {
+                    Some(prefix) => (prefix.to_owned(), true),
+                    None => (config.path.clone(), false),
+                };
+                Route {
+                    prefix,
+                    wildcard,
+                    methods: config
+                        .methods
+                        .iter()
+                        .filter_map(|m| Method::from_bytes(m.as_bytes()).ok())
+                        .collect(),
+                    host: config.host.as_ref().map(|h| h.to_ascii_lowercase()),
+                    headers: config
+                        .headers
+                        .iter()
+                        .filter_map(|(k, v)| {
+                            Some((
+                                HeaderName::from_bytes(k.as_bytes()).ok()?,
+                                HeaderValue::from_str(v).ok()?,
+                            ))
+                        })
+                        .collect(),
+                    load_balancer: config.load_balancer.unwrap_or(default_lb),
+                    turns: std::sync::atomic::AtomicUsize::new(0),
+                    config: config.clone(),
+                }
+            })
+            .collect();
+        // Longest prefix first; at equal length exact before wildcard, then routes with more
+        // conditions first. The sort is stable: configuration order breaks remaining ties.
+        routes.sort_by(|a, b| {
+            b.prefix
+                .len()
+                .cmp(&a.prefix.len())
+                .then(a.wildcard.cmp(&b.wildcard))
+                .then(b.conditions().cmp(&a.conditions()))
+        });
+        RouteTable { routes }
+    }
+
+    /// The route for a request, if any.
+    pub(crate) fn find(
+        &self,
+        method: &Method,
+        host: Option<&str>,
+        path: &str,
+        headers: &HeaderMap,
+    ) -> Option<&Route> {
+        self.routes
+            .iter()
+            .find(|r| r.matches(method, host, path, headers))
+    }
+}
+
+impl Route {
+    fn conditions(&self) -> usize {
+        usize::from(!self.methods.is_empty())
+            + usize::from(self.host.is_some())
+            + self.headers.len()
+    }
+
+    fn matches(
+        &self,
+        method: &Method,
+        host: Option<&str>,
+        path: &str,
+        headers: &HeaderMap,
+    ) -> bool {
+        let path_ok = if self.wildcard {
+            path == self.prefix
+                || (path.starts_with(self.prefix.as_str())
+                    && path.as_bytes().get(self.prefix.len()) == Some(&b'/'))
+        } else {
+            path == self.prefix
+        };
+        if !path_ok {
+            return false;
+        }
+        if !self.methods.is_empty() && !self.methods.contains(method) {
+            return false;
+        }
+        if let Some(want) = &self.host {
+            let got = host.map(|h| h.rsplit_once(':').map_or(h, |(name, _)| name));
+            if !got.is_some_and(|h| h.eq_ignore_ascii_case(want)) {
+                return false;
+            }
+        }
+        self.headers
+            .iter()
+            .all(|(name, value)| headers.get(name) == Some(value))
+    }
+
+    /// The path forwarded upstream: `path` with the route's prefix stripped.
+    pub(crate) fn upstream_path<'a>(&self, path: &'a str) -> std::borrow::Cow<'a, str> {
+        match &self.config.strip_prefix {
+            Some(strip) => {
+                let strip = strip.trim_end_matches('/');
+                match path.strip_prefix(strip) {
+                    Some("") => "/".into(),
+                    Some(rest) if rest.starts_with('/') => rest.into(),
+                    // Not on a segment boundary: leave the path alone.
+                    _ => path.into(),
+                }
+            }
+            None => path.into(),
+        }
+    }
+}
+
+/// Why a request path is refused before routing.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct UnsafePath(pub(crate) String);
+
+/// Refuses paths that could escape a route's prefix or confuse an upstream: `.` and `..`
+/// segments (in any percent-encoding), encoded `/` or `\` inside a segment, NUL and control
+/// characters, and anything not starting with `/`.
+pub(crate) fn check_path(path: &str) -> Result<(), UnsafePath> {
+    if !path.starts_with('/') {
+        return Err(UnsafePath(format!("path {path:?} must start with '/'")));
+    }
+    for segment in path.split('/') {
+        let decoded = percent_decode_str(segment).decode_utf8_lossy();
+        if decoded == "." || decoded == ".." {
+            return Err(UnsafePath(format!(
+                "path segment {segment:?} ({decoded:?}) is not allowed"
+            )));
+        }
+        if segment.contains('%') && (decoded.contains('/') || decoded.contains('\\')) {
+            return Err(UnsafePath(format!(
+                "path segment {segment:?} hides a path separator"
+            )));
+        }
+        if decoded.chars().any(char::is_control) {
+            return Err(UnsafePath(format!(
+                "path segment {segment:?} contains a control character"
+            )));
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn table(routes: Vec<RouteConfig>) -> RouteTable {
+        RouteTable::new(&routes, LoadBalancer::RoundRobin)
+    }
+
+    fn find<'a>(t: &'a RouteTable, method: &str, path: &str) -> Option<&'a str> {
+        t.find(
+            &Method::from_bytes(method.as_bytes()).unwrap(),
+            None,
+            path,
+            &HeaderMap::new(),
+        )
+        .map(|r| r.config.service.as_str())
+    }
+
+    #[test]
+    fn most_specific_route_wins() {
+        let t = table(vec![
+            RouteConfig::new("/*", "fallback"),
+            RouteConfig::new("/api/*", "api"),
+            RouteConfig::new("/api/users/*", "users"),
+            RouteConfig::new("/api/users/me", "me"),
+            RouteConfig::new("/api/orders/*", "orders-write").methods(&["POST"]),
+            RouteConfig::new("/api/orders/*", "orders"),
+        ]);
+        assert_eq!(find(&t, "GET", "/api/users/42"), Some("users"));
+        assert_eq!(find(&t, "GET", "/api/users"), Some("users"));
+        assert_eq!(find(&t, "GET", "/api/users/me"), Some("me"));
+        assert_eq!(
+            find(&t, "GET", "/api/usersx"),
+            Some("api"),
+            "prefix only on a segment boundary"
+        );
+        assert_eq!(find(&t, "POST", "/api/orders/1"), Some("orders-write"));
+        assert_eq!(find(&t, "GET", "/api/orders/1"), Some("orders"));
+        assert_eq!(find(&t, "GET", "/other"), Some("fallback"));
+        let none = table(vec![RouteConfig::new("/api/*", "api")]);
+        assert_eq!(find(&none, "GET", "/"), None);
+    }
+
+    #[test]
+    fn host_and_header_conditions() {
+        let mut by_host = RouteConfig::new("/*", "admin");
+        by_host.host = Some("admin.example.com".into());
+        let mut by_header = RouteConfig::new("/*", "canary");
+        by_header.headers.insert("x-canary".into(), "1".into());
+        let t = table(vec![RouteConfig::new("/*", "web"), by_host, by_header]);
+        let get = Method::GET;
+        let mut headers = HeaderMap::new();
+        assert_eq!(
+            t.find(&get, Some("Admin.Example.com:8080"), "/", &headers)
+                .unwrap()
+                .config
+                .service,
+            "admin"
+        );
+        assert_eq!(
+            t.find(&get, Some("www.example.com"), "/", &headers)
+                .unwrap()
+                .config
+                .service,
+            "web"
+        );
+        headers.insert("x-canary", HeaderValue::from_static("1"));
+        assert_eq!(
+            t.find(&get, None, "/", &headers).unwrap().config.service,
+            "canary"
+        );
+    }
+
+    #[test]
+    fn prefix_stripping() {
+        let t = table(vec![
+            RouteConfig::new("/api/users/*", "users").strip_prefix("/api/users"),
+        ]);
+        let route = &t.routes[0];
+        assert_eq!(route.upstream_path("/api/users/42"), "/42");
+        assert_eq!(route.upstream_path("/api/users"), "/");
+        assert_eq!(route.upstream_path("/api/users/"), "/");
+        assert_eq!(route.upstream_path("/api/users/a/b"), "/a/b");
+    }
+
+    #[test]
+    fn unsafe_paths_are_refused() {
+        for ok in ["/", "/api/users/42", "/a%20b", "/a/b.c/..d", "/%2e%2e.txt"] {
+            assert_eq!(check_path(ok), Ok(()), "{ok}");
+        }
+        for bad in [
+            "/api/users/../admin",
+            "/api/users/%2e%2e/admin",
+            "/api/users/%2E%2e/admin",
+            "/api/users/.%2e/admin",
+            "/api/users/./x",
+            "/api/users/..%2f..%2fadmin",
+            "/api/users/a%5cb",
+            "/api/%00",
+            "relative",
+        ] {
+            assert!(check_path(bad).is_err(), "{bad}");
+        }
+    }
+}

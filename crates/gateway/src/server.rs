@@ -1,0 +1,170 @@
+//! The listening side: accept, HTTP/1.1 and HTTP/2 (h2c) with limits, graceful shutdown.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use hyper_util::server::graceful::GracefulShutdown;
+use tokio::net::TcpListener;
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+use trellis_registry::ServiceRegistry;
+
+use crate::config::{ConfigError, GatewayConfig};
+use crate::proxy::{State, handle};
+use crate::route::RouteTable;
+
+/// How long shutdown waits for in-flight requests.
+const DRAIN: Duration = Duration::from_secs(10);
+
+/// Why the gateway could not start.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum GatewayError {
+    /// Bad configuration.
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// The listen address could not be bound.
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        /// The address.
+        addr: SocketAddr,
+        /// The I/O error.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// The API gateway — the seed's `APIGateway`: routes requests to the instances the registry
+/// knows, picked by a load balancer, with forwarding headers, request ids and limits.
+///
+/// Upstreams come from the registry's snapshot (a memory read per request, never a store
+/// read). Routes can be replaced while serving with [`RunningGateway::reload`]; requests in
+/// flight finish on the routes they started with.
+#[derive(Debug)]
+pub struct ApiGateway {
+    config: GatewayConfig,
+    registry: ServiceRegistry,
+}
+
+impl ApiGateway {
+    /// A gateway for `config` over `registry`.
+    pub fn new(config: GatewayConfig, registry: ServiceRegistry) -> Result<Self, GatewayError> {
+        Ok(ApiGateway {
+            config: config.validate()?,
+            registry,
+        })
+    }
+
+    /// Binds the configured address and serves in the background.
+    pub async fn start(self) -> Result<RunningGateway, GatewayError> {
+        let addr = self.config.listen_addr()?;
+        let listener = TcpListener::bind(addr)
+            .await
+            .map_err(|source| GatewayError::Bind { addr, source })?;
+        let local = listener
+            .local_addr()
+            .map_err(|source| GatewayError::Bind { addr, source })?;
+        let state = Arc::new(State::new(&self.config, self.registry));
+        let (stop, stopped) = oneshot::channel();
+        let task = tokio::spawn(accept_loop(listener, state.clone(), stopped));
+        tracing::info!(addr = %local, routes = self.config.routes.len(), "gateway listening");
+        Ok(RunningGateway {
+            addr: local,
+            state,
+            stop: Some(stop),
+            task,
+        })
+    }
+}
+
+/// A gateway serving in the background.
+#[derive(Debug)]
+pub struct RunningGateway {
+    addr: SocketAddr,
+    state: Arc<State>,
+    stop: Option<oneshot::Sender<()>>,
+    task: JoinHandle<()>,
+}
+
+impl std::fmt::Debug for State {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("State").finish_non_exhaustive()
+    }
+}
+
+impl RunningGateway {
+    /// Where it listens (the real port when 0 was asked for).
+    pub fn local_addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// Replaces the routes; requests already in flight are not disturbed. The listen
+    /// address and limits stay as they were.
+    pub fn reload(&self, config: GatewayConfig) -> Result<(), GatewayError> {
+        let config = config.validate()?;
+        self.state.table.store(Arc::new(RouteTable::new(
+            &config.routes,
+            config.load_balancer,
+        )));
+        tracing::info!(routes = config.routes.len(), "gateway routes reloaded");
+        Ok(())
+    }
+
+    /// Stops accepting, lets in-flight requests finish (up to 10 s), then returns.
+    pub async fn shutdown(mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        let _ = (&mut self.task).await;
+    }
+}
+
+async fn accept_loop(listener: TcpListener, state: Arc<State>, mut stopped: oneshot::Receiver<()>) {
+    let graceful = GracefulShutdown::new();
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(state.limits.header_read_timeout.get())
+        .max_buf_size(state.limits.max_header_bytes);
+    builder.http2().timer(TokioTimer::new());
+    loop {
+        tokio::select! {
+            accepted = listener.accept() => {
+                let (stream, remote) = match accepted {
+                    Ok(pair) => pair,
+                    Err(e) => {
+                        // Out of file descriptors and the like: back off instead of spinning.
+                        tracing::warn!(error = %e, "accept failed");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        continue;
+                    }
+                };
+                let _ = stream.set_nodelay(true);
+                let state = state.clone();
+                let service = service_fn(move |request| handle(state.clone(), request, remote));
+                let connection = builder
+                    .serve_connection_with_upgrades(TokioIo::new(stream), service)
+                    .into_owned();
+                let connection = graceful.watch(connection);
+                tokio::spawn(async move {
+                    if let Err(e) = connection.await {
+                        tracing::debug!(%remote, error = %e, "connection ended with an error");
+                    }
+                });
+            }
+            _ = &mut stopped => break,
+        }
+    }
+    drop(listener);
+    if tokio::time::timeout(DRAIN, graceful.shutdown())
+        .await
+        .is_err()
+    {
+        tracing::warn!("gateway connections still open after {DRAIN:?}; closing");
+    }
+}

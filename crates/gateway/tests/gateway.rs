@@ -1,0 +1,415 @@
+//! The gateway against real HTTP servers on 127.0.0.1, registered in a real registry.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use axum::Json;
+use axum::extract::Request;
+use axum::routing::any;
+use serde_json::{Value, json};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use trellis_gateway::{ApiGateway, GatewayConfig, RouteConfig, RunningGateway};
+use trellis_registry::{Instance, RegistryOptions, ServiceRegistry};
+use trellis_store::Store;
+
+/// An upstream that answers with what it received.
+async fn echo(name: &'static str, delay: Duration) -> u16 {
+    let app = axum::Router::new().fallback(any(move |request: Request| async move {
+        tokio::time::sleep(delay).await;
+        let headers: HashMap<String, String> = request
+            .headers()
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_str().unwrap_or("").to_owned()))
+            .collect();
+        let body = axum::body::to_bytes(request.into_body(), 1 << 20)
+            .await
+            .unwrap_or_default();
+        Json(json!({
+            "server": name,
+            "headers": headers,
+            "body_len": body.len(),
+        }))
+    }));
+    serve(app).await
+}
+
+/// An upstream that answers with the request's path and query, to check stripping.
+async fn path_echo(name: &'static str) -> u16 {
+    let app = axum::Router::new().fallback(any(move |request: Request| async move {
+        let headers: HashMap<String, String> = request
+            .headers()
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_str().unwrap_or("").to_owned()))
+            .collect();
+        Json(json!({"server": name, "uri": request.uri().to_string(), "headers": headers}))
+    }));
+    serve(app).await
+}
+
+async fn serve(app: axum::Router) -> u16 {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    port
+}
+
+struct Setup {
+    gateway: RunningGateway,
+    registry: ServiceRegistry,
+    base: String,
+    http: reqwest::Client,
+    _dir: tempfile::TempDir,
+}
+
+async fn setup(routes: Vec<RouteConfig>) -> Setup {
+    setup_with(GatewayConfig {
+        routes,
+        ..GatewayConfig::default()
+    })
+    .await
+}
+
+async fn setup_with(config: GatewayConfig) -> Setup {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(&format!("sqlite://{}/gw.db", dir.path().display()))
+        .await
+        .unwrap();
+    let registry = ServiceRegistry::start(&store, RegistryOptions::default())
+        .await
+        .unwrap();
+    let config = GatewayConfig {
+        listen: "127.0.0.1:0".into(),
+        ..config
+    };
+    let gateway = ApiGateway::new(config, registry.clone())
+        .unwrap()
+        .start()
+        .await
+        .unwrap();
+    let base = format!("http://{}", gateway.local_addr());
+    Setup {
+        gateway,
+        registry,
+        base,
+        http: reqwest::Client::new(),
+        _dir: dir,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn round_robin_is_even_and_forwarding_headers_arrive() {
+    let s = setup(vec![
+        RouteConfig::new("/api/users/*", "users").strip_prefix("/api/users"),
+    ])
+    .await;
+    for (i, name) in ["a", "b", "c"].into_iter().enumerate() {
+        let port = path_echo(name).await;
+        s.registry
+            .register("users", Instance::new(format!("u{i}"), "127.0.0.1", port))
+            .await
+            .unwrap();
+    }
+    let mut counts: HashMap<String, usize> = HashMap::new();
+    for i in 0..300 {
+        let response = s
+            .http
+            .get(format!("{}/api/users/{i}?x=1", s.base))
+            .header("x-forwarded-for", "10.9.8.7")
+            .header(
+                "traceparent",
+                "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01",
+            )
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 200);
+        let request_id = response.headers()["x-request-id"]
+            .to_str()
+            .unwrap()
+            .to_owned();
+        let body: Value = response.json().await.unwrap();
+        *counts
+            .entry(body["server"].as_str().unwrap().to_owned())
+            .or_default() += 1;
+        assert_eq!(
+            body["uri"],
+            format!("/{i}?x=1"),
+            "prefix stripped, query kept"
+        );
+        let headers = &body["headers"];
+        assert_eq!(
+            headers["x-request-id"],
+            request_id.as_str(),
+            "request id reaches upstream and comes back"
+        );
+        assert_eq!(headers["x-forwarded-for"], "10.9.8.7, 127.0.0.1");
+        assert_eq!(headers["x-forwarded-proto"], "http");
+        assert_eq!(
+            headers["x-forwarded-host"],
+            s.base.trim_start_matches("http://")
+        );
+        assert_eq!(
+            headers["traceparent"],
+            "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
+        );
+    }
+    assert_eq!(counts.len(), 3, "{counts:?}");
+    for (server, n) in &counts {
+        assert!(
+            (99..=101).contains(n),
+            "{server} got {n} of 300: {counts:?}"
+        );
+    }
+    // A client-chosen request id is kept.
+    let response = s
+        .http
+        .get(format!("{}/api/users/1", s.base))
+        .header("x-request-id", "abc-123")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.headers()["x-request-id"], "abc-123");
+    s.gateway.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn errors_are_json_with_the_right_status() {
+    let slow = echo("slow", Duration::from_secs(5)).await;
+    let mut config = GatewayConfig {
+        routes: vec![
+            RouteConfig::new("/slow/*", "slow").timeout(Duration::from_millis(300)),
+            RouteConfig::new("/nobody/*", "nobody"),
+            RouteConfig::new("/dead/*", "dead"),
+        ],
+        ..GatewayConfig::default()
+    };
+    config.limits.max_body_bytes = 1024;
+    let s = setup_with(config).await;
+    s.registry
+        .register("slow", Instance::new("s1", "127.0.0.1", slow))
+        .await
+        .unwrap();
+    // A port with nothing listening.
+    let closed = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    s.registry
+        .register("dead", Instance::new("d1", "127.0.0.1", closed))
+        .await
+        .unwrap();
+
+    let cases = [
+        ("/slow/x", 504, "upstream_timeout"),
+        ("/nobody/x", 503, "no_healthy_instance"),
+        ("/dead/x", 502, "upstream_unreachable"),
+        ("/elsewhere", 404, "no_route"),
+        ("/slow/..%2Fadmin", 400, "bad_request"),
+    ];
+    for (path, status, kind) in cases {
+        let started = std::time::Instant::now();
+        let response = s
+            .http
+            .get(format!("{}{path}", s.base))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status().as_u16(), status, "{path}");
+        let body: Value = response.json().await.unwrap();
+        assert_eq!(body["error"], kind, "{path}: {body}");
+        if status == 504 {
+            let took = started.elapsed();
+            assert!(
+                took >= Duration::from_millis(300) && took < Duration::from_secs(3),
+                "{took:?}"
+            );
+        }
+    }
+    let big = vec![b'x'; 2048];
+    let response = s
+        .http
+        .post(format!("{}/slow/upload", s.base))
+        .body(big)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 413);
+    s.gateway.shutdown().await;
+}
+
+/// Sends raw bytes, returns the status line of the answer.
+async fn raw(addr: std::net::SocketAddr, bytes: &[u8]) -> String {
+    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let _ = stream.write_all(bytes).await;
+    let mut buf = vec![0u8; 256];
+    let n = tokio::time::timeout(Duration::from_secs(5), stream.read(&mut buf))
+        .await
+        .unwrap()
+        .unwrap_or(0);
+    String::from_utf8_lossy(&buf[..n])
+        .lines()
+        .next()
+        .unwrap_or("")
+        .to_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_http_is_refused_and_others_keep_being_served() {
+    let port = echo("ok", Duration::ZERO).await;
+    let s = setup(vec![RouteConfig::new("/api/*", "api").strip_prefix("/api")]).await;
+    s.registry
+        .register("api", Instance::new("a1", "127.0.0.1", port))
+        .await
+        .unwrap();
+    let addr = s.gateway.local_addr();
+    // Meanwhile, a well-behaved client keeps getting answers.
+    let (http, base) = (s.http.clone(), s.base.clone());
+    let steady = tokio::spawn(async move {
+        let mut ok = 0;
+        for _ in 0..200 {
+            if http
+                .get(format!("{base}/api/ping"))
+                .send()
+                .await
+                .unwrap()
+                .status()
+                == 200
+            {
+                ok += 1;
+            }
+        }
+        ok
+    });
+    let huge_header = format!(
+        "GET /api/x HTTP/1.1\r\nhost: a\r\nx-big: {}\r\n\r\n",
+        "a".repeat(100 * 1024)
+    );
+    let cases: Vec<(Vec<u8>, &str)> = vec![
+        (b"GARBAGE\r\n\r\n".to_vec(), "400"),
+        (b"GET /api/x HTTP/9.9\r\nhost: a\r\n\r\n".to_vec(), "HTTP/1.1 "),
+        (huge_header.into_bytes(), "431"),
+        (b"POST /api/x HTTP/1.1\r\nhost: a\r\ntransfer-encoding: chunked\r\n\r\nzz\r\nhello\r\n0\r\n\r\n".to_vec(), "400"),
+        (b"GET /api/../admin HTTP/1.1\r\nhost: a\r\n\r\n".to_vec(), "400"),
+        (b"GET /api/%2E%2E/admin HTTP/1.1\r\nhost: a\r\n\r\n".to_vec(), "400"),
+    ];
+    for (bytes, expected) in cases {
+        let status = raw(addr, &bytes).await;
+        let shown = String::from_utf8_lossy(&bytes[..bytes.len().min(60)]).into_owned();
+        assert!(status.contains(expected), "{shown:?} → {status:?}");
+        assert!(
+            !status.contains(" 200 "),
+            "{shown:?} was forwarded: {status}"
+        );
+    }
+    assert_eq!(
+        steady.await.unwrap(),
+        200,
+        "well-behaved requests kept succeeding"
+    );
+    s.gateway.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn routes_reload_without_dropping_requests() {
+    let one = echo("one", Duration::from_millis(300)).await;
+    let two = path_echo("two").await;
+    let s = setup(vec![RouteConfig::new("/svc/*", "one")]).await;
+    s.registry
+        .register("one", Instance::new("o1", "127.0.0.1", one))
+        .await
+        .unwrap();
+    s.registry
+        .register("two", Instance::new("t1", "127.0.0.1", two))
+        .await
+        .unwrap();
+    let (http, base) = (s.http.clone(), s.base.clone());
+    let in_flight =
+        tokio::spawn(async move { http.get(format!("{base}/svc/a")).send().await.unwrap() });
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let mut config = GatewayConfig {
+        listen: "127.0.0.1:0".into(),
+        ..GatewayConfig::default()
+    };
+    config.routes.push(RouteConfig::new("/svc/*", "two"));
+    s.gateway.reload(config).unwrap();
+    let response = in_flight.await.unwrap();
+    assert_eq!(response.status(), 200);
+    assert_eq!(
+        response.json::<Value>().await.unwrap()["server"],
+        "one",
+        "the in-flight request finished"
+    );
+    let after: Value = s
+        .http
+        .get(format!("{}/svc/a", s.base))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(after["server"], "two", "new requests use the new routes");
+    let bad = GatewayConfig {
+        routes: vec![RouteConfig::new("nope", "x")],
+        ..GatewayConfig::default()
+    };
+    assert!(
+        s.gateway
+            .reload(bad)
+            .unwrap_err()
+            .to_string()
+            .contains("routes[0].path")
+    );
+    s.gateway.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn content_length_with_transfer_encoding_is_never_smuggled() {
+    // hyper frames such a request by Transfer-Encoding and drops Content-Length (RFC 9112
+    // §6.3) before the gateway sees it; the upstream must get one re-framed request.
+    let port = echo("ok", Duration::ZERO).await;
+    let s = setup(vec![RouteConfig::new("/api/*", "api")]).await;
+    s.registry
+        .register("api", Instance::new("a1", "127.0.0.1", port))
+        .await
+        .unwrap();
+    let mut stream = tokio::net::TcpStream::connect(s.gateway.local_addr())
+        .await
+        .unwrap();
+    // Content-Length says 4 ("5\r\nh"); chunked framing says the body is "hello" and a
+    // smuggled "GET /api/admin" follows only if someone trusted Content-Length.
+    stream
+        .write_all(b"POST /api/x HTTP/1.1\r\nhost: a\r\ncontent-length: 4\r\ntransfer-encoding: chunked\r\nconnection: close\r\n\r\n5\r\nhello\r\n0\r\n\r\n")
+        .await
+        .unwrap();
+    let mut answer = Vec::new();
+    tokio::time::timeout(Duration::from_secs(5), stream.read_to_end(&mut answer))
+        .await
+        .unwrap()
+        .unwrap();
+    let answer = String::from_utf8_lossy(&answer);
+    let body = answer.split("\r\n\r\n").nth(1).unwrap_or("");
+    let echoed: Value = serde_json::from_str(body.trim()).unwrap_or(Value::Null);
+    assert_eq!(
+        echoed["body_len"], 5,
+        "upstream saw the chunked body: {answer}"
+    );
+    let headers = &echoed["headers"];
+    assert!(
+        headers.get("content-length").is_none_or(|v| v == "5"),
+        "{headers}"
+    );
+    assert!(
+        headers.get("transfer-encoding").is_none() || headers.get("content-length").is_none(),
+        "{headers}"
+    );
+    assert_eq!(
+        answer.matches("HTTP/1.1 ").count(),
+        1,
+        "exactly one response: {answer}"
+    );
+    s.gateway.shutdown().await;
+}
