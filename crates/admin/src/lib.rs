@@ -43,7 +43,7 @@ mod settings;
 pub use api::{AdminState, MAX_BODY_BYTES, router};
 pub use error::ApiError;
 pub use metrics::{Metrics, StoreMetricsLayer, StoreMetricsService};
-pub use node::{Node, NodeError};
+pub use node::{GatewayNode, Node, NodeError};
 pub use settings::{
     AdminSettings, ConfigSettings, DEFAULT_ADMIN_ADDR, DEFAULT_STORE_URL, RegistrySettings,
     Settings, SettingsError, StoreSettings,

@@ -10,6 +10,7 @@ use tokio::net::TcpListener;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 use trellis_config::{ConfigOptions, ConfigurationManager};
+use trellis_gateway::{ApiGateway, RunningGateway};
 use trellis_health::{ServiceHealthMonitor, StoreCheck};
 use trellis_registry::ServiceRegistry;
 use trellis_store::Store;
@@ -52,11 +53,56 @@ pub enum NodeError {
         #[source]
         source: std::io::Error,
     },
+    /// The gateway could not start.
+    #[error(transparent)]
+    Gateway(#[from] trellis_gateway::GatewayError),
     /// An admin server beyond loopback without a token.
     #[error(
         "the admin server would listen on {0}, beyond loopback, without a token: set admin.token (or TRELLIS_ADMIN_TOKEN), or listen on 127.0.0.1"
     )]
     Insecure(SocketAddr),
+}
+
+/// What `trellis gateway` runs: the gateway alone, over a registry on the configured store
+/// (no admin server).
+#[derive(Debug)]
+pub struct GatewayNode {
+    gateway: RunningGateway,
+    registry: ServiceRegistry,
+}
+
+impl GatewayNode {
+    /// Starts the gateway of `settings` (its `[gateway]` table must be present).
+    pub async fn start(settings: Settings) -> Result<GatewayNode, NodeError> {
+        let settings = settings.validate()?;
+        let Some(config) = settings.gateway.clone() else {
+            return Err(NodeError::Settings(SettingsError::Invalid {
+                key: "gateway",
+                reason: "the settings have no [gateway] table".into(),
+            }));
+        };
+        let store = Store::open(&settings.store.url)
+            .await
+            .map_err(|source| NodeError::Store {
+                url: settings.store.url.clone(),
+                source,
+            })?;
+        let registry = ServiceRegistry::start(&store, settings.registry.options()).await?;
+        let gateway = ApiGateway::new(config, registry.clone())?.start().await?;
+        Ok(GatewayNode { gateway, registry })
+    }
+
+    /// Where the gateway listens.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.gateway.local_addr()
+    }
+
+    /// Drains the gateway and stops the registry.
+    pub async fn shutdown(self) -> Result<(), NodeError> {
+        self.gateway.shutdown().await;
+        self.registry.shutdown().await?;
+        Ok(())
+    }
 }
 
 /// A running node.
@@ -65,6 +111,7 @@ pub struct Node {
     admin_addr: SocketAddr,
     registry: ServiceRegistry,
     store: Store,
+    gateway: Option<RunningGateway>,
     stop: Option<oneshot::Sender<()>>,
     server: JoinHandle<std::io::Result<()>>,
 }
@@ -106,6 +153,10 @@ impl Node {
             metrics,
             settings.admin.token.clone(),
         );
+        let gateway = match settings.gateway.clone() {
+            Some(config) => Some(ApiGateway::new(config, registry.clone())?.start().await?),
+            None => None,
+        };
         let listener = TcpListener::bind(addr)
             .await
             .map_err(|source| NodeError::Bind { addr, source })?;
@@ -126,6 +177,7 @@ impl Node {
             admin_addr,
             registry,
             store,
+            gateway,
             stop: Some(stop),
             server,
         })
@@ -134,6 +186,11 @@ impl Node {
     /// Where the admin server listens (the real port when 0 was asked for).
     pub fn admin_addr(&self) -> SocketAddr {
         self.admin_addr
+    }
+
+    /// Where the gateway listens, when one runs.
+    pub fn gateway_addr(&self) -> Option<SocketAddr> {
+        self.gateway.as_ref().map(RunningGateway::local_addr)
     }
 
     /// The node's registry.
@@ -151,6 +208,9 @@ impl Node {
     pub async fn shutdown(mut self) -> Result<(), NodeError> {
         if let Some(stop) = self.stop.take() {
             let _ = stop.send(());
+        }
+        if let Some(gateway) = self.gateway.take() {
+            gateway.shutdown().await;
         }
         match tokio::time::timeout(DRAIN, &mut self.server).await {
             Ok(Ok(Ok(()))) => {}

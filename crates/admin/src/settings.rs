@@ -73,6 +73,8 @@ pub struct Settings {
     pub registry: RegistrySettings,
     /// The configuration manager.
     pub config: ConfigSettings,
+    /// The API gateway; absent means no gateway runs.
+    pub gateway: Option<trellis_gateway::GatewayConfig>,
 }
 
 /// `[store]`.
@@ -240,7 +242,14 @@ impl Settings {
                 key: "registry",
                 reason: e.to_string(),
             })?;
-        Ok(self)
+        let gateway = match self.gateway {
+            Some(gateway) => Some(gateway.validate().map_err(|e| SettingsError::Invalid {
+                key: "gateway",
+                reason: e.to_string(),
+            })?),
+            None => None,
+        };
+        Ok(Settings { gateway, ..self })
     }
 
     /// The admin address, parsed.
@@ -295,6 +304,11 @@ mod tests {
             ("[registry]\nttl = \"50ms\"", "ttl"),
             ("[admin]\ntoken = \"short\"", "admin.token"),
             ("[admin", "unclosed table"),
+            ("[gateway]\nlisten = \"x\"", "gateway"),
+            (
+                "[[gateway.routes]]\npath = \"/a/*\"\nservice = \"a/b\"",
+                "routes[0].service",
+            ),
         ] {
             let err = Settings::from_toml(text, "trellis.toml")
                 .unwrap_err()

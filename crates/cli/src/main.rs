@@ -19,8 +19,11 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
-    /// Run a node: the admin API over the registry, configuration, health and metrics.
+    /// Run a node: the admin API over the registry, configuration, health and metrics, and
+    /// the gateway when the settings have a [gateway] table.
     Up(UpArgs),
+    /// Run the API gateway alone (the settings file must have a [gateway] table).
+    Gateway(GatewayArgs),
     /// Registered services.
     Services {
         #[command(subcommand)]
@@ -52,6 +55,16 @@ struct UpArgs {
         hide_env_values = true
     )]
     admin_token: Option<String>,
+}
+
+#[derive(Debug, Args)]
+struct GatewayArgs {
+    /// Settings file (TOML) with a [gateway] table.
+    #[arg(long, value_name = "FILE")]
+    config: PathBuf,
+    /// Store URL holding the registry [default: the settings' or sqlite://./trellis-data/trellis.db].
+    #[arg(long, env = "TRELLIS_STORE", value_name = "URL")]
+    store: Option<String>,
 }
 
 /// Where a running admin server is.
@@ -164,6 +177,7 @@ fn main() -> ExitCode {
 async fn run(cli: Cli) -> Result<(), String> {
     match cli.command {
         Command::Up(args) => up(args).await,
+        Command::Gateway(args) => gateway(args).await,
         Command::Services {
             command: ServicesCommand::Ls { remote },
         } => {
@@ -176,13 +190,7 @@ async fn run(cli: Cli) -> Result<(), String> {
 }
 
 async fn up(args: UpArgs) -> Result<(), String> {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    init_logging();
     let mut settings = match &args.config {
         Some(path) => Settings::load(path).map_err(|e| e.to_string())?,
         None => Settings::default(),
@@ -198,9 +206,39 @@ async fn up(args: UpArgs) -> Result<(), String> {
     }
     let node = Node::start(settings).await.map_err(|e| e.to_string())?;
     // One line on stdout, for people and for scripts that wait for it.
-    println!("trellis up: admin API on http://{}", node.admin_addr());
+    match node.gateway_addr() {
+        Some(gateway) => println!(
+            "trellis up: admin API on http://{}, gateway on http://{gateway}",
+            node.admin_addr()
+        ),
+        None => println!("trellis up: admin API on http://{}", node.admin_addr()),
+    }
     shutdown_signal().await;
     node.shutdown().await.map_err(|e| e.to_string())
+}
+
+async fn gateway(args: GatewayArgs) -> Result<(), String> {
+    init_logging();
+    let mut settings = Settings::load(&args.config).map_err(|e| e.to_string())?;
+    if let Some(store) = args.store {
+        settings.store.url = store;
+    }
+    let node = trellis_admin::GatewayNode::start(settings)
+        .await
+        .map_err(|e| e.to_string())?;
+    println!("trellis gateway: on http://{}", node.local_addr());
+    shutdown_signal().await;
+    node.shutdown().await.map_err(|e| e.to_string())
+}
+
+fn init_logging() {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
 }
 
 async fn shutdown_signal() {

@@ -17,6 +17,7 @@ const TRELLIS: &str = env!("CARGO_BIN_EXE_trellis");
 struct Up {
     child: Child,
     addr: String,
+    gateway: Option<String>,
 }
 
 impl Drop for Up {
@@ -60,12 +61,19 @@ fn up(config: &Path) -> Up {
     let stdout = child.stdout.take().unwrap();
     let mut line = String::new();
     BufReader::new(stdout).read_line(&mut line).unwrap();
-    let addr = line
+    let rest = line
         .trim()
         .strip_prefix("trellis up: admin API on http://")
-        .unwrap_or_else(|| panic!("unexpected first line: {line:?}"))
-        .to_owned();
-    Up { child, addr }
+        .unwrap_or_else(|| panic!("unexpected first line: {line:?}"));
+    let (addr, gateway) = match rest.split_once(", gateway on http://") {
+        Some((admin, gateway)) => (admin.to_owned(), Some(gateway.to_owned())),
+        None => (rest.to_owned(), None),
+    };
+    Up {
+        child,
+        addr,
+        gateway,
+    }
 }
 
 async fn http(method: reqwest::Method, url: String, body: Option<Value>) -> (u16, Value) {
@@ -367,4 +375,64 @@ fn up_rejects_bad_settings_with_the_reason() {
     let (code, _, err) = trellis(&["up", "--config", "/nonexistent/trellis.toml"]);
     assert_eq!(code, 1);
     assert!(err.contains("/nonexistent/trellis.toml"), "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn up_runs_the_gateway_of_its_settings_and_gateway_runs_alone() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = settings(dir.path());
+    let mut text = std::fs::read_to_string(&config).unwrap();
+    text.push_str(
+        "[gateway]\nlisten = \"127.0.0.1:0\"\n[[gateway.routes]]\npath = \"/api/web/*\"\nservice = \"web\"\nstrip_prefix = \"/api/web\"\n",
+    );
+    std::fs::write(&config, text).unwrap();
+    let node = up(&config);
+    let gateway = node
+        .gateway
+        .clone()
+        .expect("a gateway address on the first line");
+    let (port, hits) = health_server().await;
+    let (status, _) = http(
+        reqwest::Method::PUT,
+        format!("http://{}/v1/services/web/instances/w1", node.addr),
+        Some(json!({"host": "127.0.0.1", "port": port})),
+    )
+    .await;
+    assert_eq!(status, 201);
+    let response = reqwest::get(format!("http://{gateway}/api/web/health"))
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    assert_eq!(response.text().await.unwrap(), "ok");
+    assert_eq!(hits.load(Ordering::SeqCst), 1);
+
+    // The same settings, gateway alone, sharing the store: it routes to the same instance.
+    let mut alone = Command::new(TRELLIS)
+        .args(["gateway", "--config"])
+        .arg(&config)
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    BufReader::new(alone.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let addr = line
+        .trim()
+        .strip_prefix("trellis gateway: on http://")
+        .unwrap_or_else(|| panic!("{line:?}"))
+        .to_owned();
+    let response = reqwest::get(format!("http://{addr}/api/web/health"))
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    let _ = alone.kill();
+    let _ = alone.wait();
+
+    std::fs::create_dir_all(dir.path().join("x")).unwrap();
+    let no_gateway = settings(&dir.path().join("x"));
+    let (code, _, err) = trellis(&["gateway", "--config", no_gateway.to_str().unwrap()]);
+    assert_eq!(code, 1);
+    assert!(err.contains("no [gateway] table"), "{err}");
 }
