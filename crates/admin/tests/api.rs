@@ -338,8 +338,8 @@ async fn bad_input_is_a_400_naming_the_problem_and_changes_nothing() {
         (
             Method::PUT,
             "/v1/services/svc/instances/i2".into(),
-            Some(r#"{"host":"h","port":1,"health_check":{"endpoint":"/h","interval":"2m"}}"#),
-            "shorter than the ttl",
+            Some(r#"{"host":"h","port":1,"health_check":{"endpoint":"h","interval":"2m"}}"#),
+            "health_check.endpoint",
         ),
         (
             Method::PUT,

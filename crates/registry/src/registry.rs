@@ -113,7 +113,8 @@ struct Inner {
     snapshot: ArcSwap<Snapshot>,
     tx: watch::Sender<Arc<Snapshot>>,
     refresh: Notify,
-    reload_lock: tokio::sync::Mutex<()>,
+    /// Serializes snapshot rebuilds; holds the decoded rows of the last read.
+    reload_lock: tokio::sync::Mutex<DecodeCache>,
     next_expiry_ms: AtomicU64,
     owned: Mutex<HashMap<(String, String), Owned>>,
     http: reqwest::Client,
@@ -196,7 +197,7 @@ impl ServiceRegistry {
             snapshot: ArcSwap::new(initial),
             tx,
             refresh: Notify::new(),
-            reload_lock: tokio::sync::Mutex::new(()),
+            reload_lock: tokio::sync::Mutex::new(HashMap::new()),
             next_expiry_ms: AtomicU64::new(u64::MAX),
             owned: Mutex::new(HashMap::new()),
             http,
@@ -233,6 +234,9 @@ impl ServiceRegistry {
 
     /// Registers `instance` of `service` and keeps its lease while this process runs. Its
     /// status comes from its `health_check` if it has one, otherwise from heartbeats.
+    ///
+    /// Checks and lease renewals run every `min(interval, ttl / 2)`, so a lease never lapses
+    /// between renewals whatever the two settings.
     pub async fn register(
         &self,
         service: &str,
@@ -271,16 +275,6 @@ impl ServiceRegistry {
             .as_ref()
             .and_then(|c| c.interval)
             .map_or(self.inner.options.health_check_interval, |i| i.get());
-        if interval >= ttl {
-            return Err(RegistryError::InvalidInstance {
-                field: "health_check.interval",
-                reason: format!(
-                    "{} must be shorter than the ttl {} or the lease would lapse between renewals",
-                    trellis_core::format_duration(interval),
-                    trellis_core::format_duration(ttl)
-                ),
-            });
-        }
         let now = now_ms();
         let record = InstanceRecord {
             service: service.to_owned(),
@@ -291,7 +285,7 @@ impl ServiceRegistry {
             owner: self.inner.owner.clone(),
             expires_at_ms: 0,
         };
-        self.inner.write(&record, ttl).await?;
+        let written = self.inner.write(&record, ttl).await?;
         let key = (service.to_owned(), instance.id.clone());
         let wake = Arc::new(Notify::new());
         let last_heartbeat_ms = Arc::new(AtomicU64::new(0));
@@ -315,7 +309,7 @@ impl ServiceRegistry {
         if let Some(previous) = previous {
             previous.task.abort();
         }
-        self.inner.reload().await?;
+        self.inner.patch(service, &instance.id, Some(written)).await;
         Ok(Registration {
             registry: self.clone(),
             service: service.to_owned(),
@@ -353,7 +347,7 @@ impl ServiceRegistry {
             .table
             .delete(PARTITION, &clustering(service, id))
             .await?;
-        self.inner.reload().await?;
+        self.inner.patch(service, id, None).await;
         Ok(existed)
     }
 
@@ -461,9 +455,16 @@ fn owner_name() -> String {
 }
 
 impl Inner {
-    async fn write(&self, record: &InstanceRecord, ttl: Duration) -> Result<(), RegistryError> {
+    /// Writes `record` with a lease of `ttl`; returns the row version and the record as
+    /// the snapshot holds it (with its lease end).
+    async fn write(
+        &self,
+        record: &InstanceRecord,
+        ttl: Duration,
+    ) -> Result<(u64, InstanceRecord), RegistryError> {
         let value = serde_json::to_vec(record)?;
-        self.table
+        let version = self
+            .table
             .put(
                 PARTITION,
                 &clustering(&record.service, &record.instance.id),
@@ -471,7 +472,9 @@ impl Inner {
                 Some(ttl),
             )
             .await?;
-        Ok(())
+        let mut stored = record.clone();
+        stored.expires_at_ms = now_ms().saturating_add(ttl.as_millis() as u64);
+        Ok((version, stored))
     }
 
     /// One step of the refresh loop: re-read when the table changed, a lease ran out, or
@@ -512,49 +515,38 @@ impl Inner {
         self.tx.send_replace(snapshot);
     }
 
-    /// Reads every instance and publishes a new snapshot.
+    /// Reads every instance and publishes a new snapshot. Rows whose version did not change
+    /// since the last read are not decoded again.
     async fn reload(&self) -> Result<(), StoreError> {
-        let _guard = self.reload_lock.lock().await;
+        let mut cache = self.reload_lock.lock().await;
         let rows = self.table.scan_all(PARTITION, None).await?;
         let old = self.snapshot.load_full();
-        let mut grouped: HashMap<String, Vec<InstanceRecord>> = HashMap::new();
+        let mut next_cache: DecodeCache = HashMap::with_capacity(rows.len());
+        // Rows come in clustering order, `service/id`: each service's rows are contiguous and
+        // sorted by id.
+        let mut grouped: Vec<(String, Vec<Arc<InstanceRecord>>)> = Vec::new();
         let mut next_expiry = u64::MAX;
         for row in rows {
-            let mut record: InstanceRecord = match serde_json::from_slice(&row.value) {
-                Ok(record) => record,
-                Err(e) => {
-                    tracing::warn!(key = %row.clustering, error = %e, "skipping an undecodable registry row");
-                    continue;
-                }
+            let record = match cache.remove(&row.clustering) {
+                Some((version, record)) if version == row.version => record,
+                _ => match decode(&row) {
+                    Some(record) => Arc::new(record),
+                    None => continue,
+                },
             };
-            record.expires_at_ms = row
-                .expires_at
-                .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
-                .map_or(0, |d| d.as_millis() as u64);
             if record.expires_at_ms != 0 {
                 next_expiry = next_expiry.min(record.expires_at_ms);
             }
-            grouped
-                .entry(record.service.clone())
-                .or_default()
-                .push(record);
+            match grouped.last_mut() {
+                Some((service, list)) if *service == record.service => list.push(record.clone()),
+                _ => grouped.push((record.service.clone(), vec![record.clone()])),
+            }
+            next_cache.insert(row.clustering, (row.version, record));
         }
+        *cache = next_cache;
         let mut services = HashMap::with_capacity(grouped.len());
-        for (name, mut instances) in grouped {
-            instances.sort_by(|a, b| a.instance.id.cmp(&b.instance.id));
-            let previous = old.services.get(&name);
-            let unchanged = previous.is_some_and(|p| {
-                p.instances.len() == instances.len()
-                    && p.instances
-                        .iter()
-                        .zip(&instances)
-                        .all(|(a, b)| a.same_content(b))
-            });
-            let generation = match previous {
-                Some(p) if unchanged => p.generation,
-                Some(p) => p.generation + 1,
-                None => 1,
-            };
+        for (name, instances) in grouped {
+            let generation = next_generation(old.services.get(&name), &instances);
             services.insert(
                 name,
                 Arc::new(ServiceEntry {
@@ -582,6 +574,83 @@ impl Inner {
             stale: false,
         }));
         Ok(())
+    }
+
+    /// Puts this process's own write into the snapshot at once, without re-reading the
+    /// store: `record` replaces (or, when `None`, removes) instance `id` of `service`.
+    async fn patch(&self, service: &str, id: &str, record: Option<(u64, InstanceRecord)>) {
+        let mut cache = self.reload_lock.lock().await;
+        let current = self.snapshot.load_full();
+        let mut instances: Vec<Arc<InstanceRecord>> = current
+            .services
+            .get(service)
+            .map(|e| e.instances.clone())
+            .unwrap_or_default();
+        instances.retain(|r| r.instance.id != id);
+        let key = clustering(service, id);
+        match record {
+            Some((version, record)) => {
+                if record.expires_at_ms != 0 {
+                    self.next_expiry_ms
+                        .fetch_min(record.expires_at_ms, Ordering::Relaxed);
+                }
+                let record = Arc::new(record);
+                let at = instances.partition_point(|r| r.instance.id.as_str() < id);
+                instances.insert(at, record.clone());
+                cache.insert(key, (version, record));
+            }
+            None => {
+                cache.remove(&key);
+            }
+        }
+        let generation = next_generation(current.services.get(service), &instances);
+        let mut services = current.services.clone();
+        services.insert(
+            service.to_owned(),
+            Arc::new(ServiceEntry {
+                instances,
+                generation,
+            }),
+        );
+        self.publish(Arc::new(Snapshot {
+            services,
+            stale: current.stale,
+        }));
+    }
+}
+
+/// Decoded registry rows by clustering key, with the row version they were decoded at.
+type DecodeCache = HashMap<String, (u64, Arc<InstanceRecord>)>;
+
+fn decode(row: &trellis_store::Row) -> Option<InstanceRecord> {
+    let mut record: InstanceRecord = match serde_json::from_slice(&row.value) {
+        Ok(record) => record,
+        Err(e) => {
+            tracing::warn!(key = %row.clustering, error = %e, "skipping an undecodable registry row");
+            return None;
+        }
+    };
+    record.expires_at_ms = row
+        .expires_at
+        .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+        .map_or(0, |d| d.as_millis() as u64);
+    Some(record)
+}
+
+/// The generation of a service's new instance list: unchanged content keeps it.
+fn next_generation(previous: Option<&Arc<ServiceEntry>>, instances: &[Arc<InstanceRecord>]) -> u64 {
+    match previous {
+        Some(p)
+            if p.instances.len() == instances.len()
+                && p.instances
+                    .iter()
+                    .zip(instances)
+                    .all(|(a, b)| Arc::ptr_eq(a, b) || a.same_content(b)) =>
+        {
+            p.generation
+        }
+        Some(p) => p.generation + 1,
+        None => 1,
     }
 }
 
@@ -643,6 +712,9 @@ async fn lease_loop(
         successes: 0,
         failures: 0,
     };
+    // `register` has just written the record: the first pass writes only if it learns
+    // something new.
+    let mut just_registered = true;
     loop {
         let Some(registry) = inner.upgrade() else {
             return;
@@ -668,17 +740,24 @@ async fn lease_loop(
             },
         };
         let changed = status != record.status;
+        let skip = just_registered && !changed;
+        just_registered = false;
         record.status = status;
         record.updated_at_ms = now_ms();
-        match registry.write(&record, ttl).await {
-            Ok(()) if changed => {
+        match if skip {
+            None
+        } else {
+            Some(registry.write(&record, ttl).await)
+        } {
+            None => {}
+            Some(Ok(written)) if changed => {
                 tracing::info!(service = %record.service, id = %record.instance.id, status = status.as_str(), "instance status changed");
-                if let Err(e) = registry.reload().await {
-                    registry.mark_stale(&e);
-                }
+                registry
+                    .patch(&record.service, &record.instance.id, Some(written))
+                    .await;
             }
-            Ok(()) => {}
-            Err(e) => {
+            Some(Ok(_)) => {}
+            Some(Err(e)) => {
                 tracing::warn!(service = %record.service, id = %record.instance.id, error = %e, "lease renewal failed; retrying")
             }
         }

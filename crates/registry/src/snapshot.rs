@@ -12,7 +12,7 @@ use crate::instance::{InstanceRecord, InstanceStatus};
 #[derive(Debug, Default)]
 pub(crate) struct ServiceEntry {
     /// Sorted by instance id.
-    pub(crate) instances: Vec<InstanceRecord>,
+    pub(crate) instances: Vec<Arc<InstanceRecord>>,
     /// Bumped when the content (not just leases) changes.
     pub(crate) generation: u64,
 }
@@ -65,7 +65,7 @@ impl Discovery {
         let now = self.now_ms;
         self.entry
             .iter()
-            .flat_map(|e| e.instances.iter())
+            .flat_map(|e| e.instances.iter().map(|r| &**r))
             .filter(move |r| stale || r.expires_at_ms == 0 || r.expires_at_ms > now)
     }
 

@@ -104,8 +104,8 @@ async fn bad_input_is_rejected() {
         ("svc", Instance::new("a", "h", 0), "port"),
         (
             "svc",
-            Instance::new("a", "h", 1).health_check("/h", Duration::from_secs(5)),
-            "shorter than the ttl",
+            Instance::new("a", "h", 1).health_check("h", Duration::from_secs(5)),
+            "health_check.endpoint",
         ),
     ];
     for (service, instance, needle) in cases {

@@ -5,7 +5,8 @@
 //! with an optional **TTL**, a per-row **version** for compare-and-set, and **atomic batches**.
 //!
 //! - Backends are chosen by URL: `sqlite://PATH` is the embedded default, shared safely by
-//!   every process on one machine; Cassandra/ScyllaDB comes as another URL.
+//!   every process on one machine; `cassandra://host1,host2/keyspace` (feature `cassandra`)
+//!   runs the same contract on Apache Cassandra or ScyllaDB.
 //! - Every operation is a [`StoreRequest`] sent through a tower [`Service`](tower::Service);
 //!   [`Store::layer`] wraps it in middleware (tracing, metrics) — one middleware model for
 //!   all of Trellis.
@@ -33,6 +34,8 @@
 //! # Ok(()) }
 //! ```
 
+#[cfg(feature = "cassandra")]
+mod cassandra;
 pub mod conformance;
 mod error;
 pub mod json;
@@ -41,11 +44,17 @@ mod request;
 mod sqlite;
 mod store;
 
+#[cfg(feature = "cassandra")]
+pub use cassandra::CassandraStore;
 pub use error::{BoxError, Result, StoreError};
 pub use model::{Key, Model, Models, Versioned};
 pub use request::{
     BatchOutcome, CasOutcome, Mutation, Page, Row, ScanQuery, StoreRequest, StoreResponse,
 };
+/// The `scylla` driver the Cassandra backend is built on, re-exported so that users of
+/// [`CassandraStore::execute`] and [`CassandraStore::session`] name the same version.
+#[cfg(feature = "cassandra")]
+pub use scylla;
 pub use store::{
     Batch, MAX_KEY_BYTES, MAX_TABLE_NAME, MAX_VALUE_BYTES, Store, StoreService, Table,
     validate_table_name,

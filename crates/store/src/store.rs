@@ -46,9 +46,12 @@ impl fmt::Debug for Store {
 impl Store {
     /// Opens the store named by `url`.
     ///
-    /// Supported: `sqlite://PATH` (relative or absolute; parent folders are created),
-    /// with optional query parameters `busy_timeout` and `lock_timeout` (durations such as
-    /// `5s`) and `synchronous` (`normal` or `full`).
+    /// Supported:
+    /// - `sqlite://PATH` (relative or absolute; parent folders are created), with optional
+    ///   query parameters `busy_timeout` and `lock_timeout` (durations such as `5s`) and
+    ///   `synchronous` (`normal` or `full`);
+    /// - `cassandra://[USER:PASS@]HOST[:PORT],…/KEYSPACE[?…]` with the `cassandra` feature
+    ///   (Apache Cassandra or ScyllaDB; see `CassandraStore` for the options).
     pub async fn open(url: &str) -> Result<Store> {
         let Some((scheme, _)) = url.split_once("://") else {
             return Err(StoreError::InvalidUrl {
@@ -59,9 +62,20 @@ impl Store {
         };
         match scheme {
             "sqlite" => crate::sqlite::SqliteStore::open_url(url).await,
+            #[cfg(feature = "cassandra")]
+            "cassandra" => crate::cassandra::CassandraStore::open(url)
+                .await
+                .map(|cassandra| cassandra.store()),
+            #[cfg(not(feature = "cassandra"))]
+            "cassandra" => Err(StoreError::InvalidUrl {
+                // Everything before the host could be a password.
+                url: "cassandra://…".to_owned(),
+                reason: "this program was built without the cassandra feature of trellis-store"
+                    .into(),
+            }),
             other => Err(StoreError::InvalidUrl {
                 url: url.to_owned(),
-                reason: format!("unknown scheme {other:?}; supported: sqlite"),
+                reason: format!("unknown scheme {other:?}; supported: sqlite, cassandra"),
             }),
         }
     }
