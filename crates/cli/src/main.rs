@@ -34,6 +34,54 @@ enum Command {
         #[command(subcommand)]
         command: ConfigCommand,
     },
+    /// Publish and consume events.
+    Events {
+        #[command(subcommand)]
+        command: EventsCommand,
+    },
+}
+
+/// Which event bus and store.
+#[derive(Debug, Args, Clone)]
+struct BusArgs {
+    /// `embedded` (the durable log inside the store) or `kafka://host:port,…`.
+    #[arg(long, env = "TRELLIS_BUS", default_value = "embedded")]
+    bus: String,
+    /// Store URL (holds the embedded log) [default: sqlite://./trellis-data/trellis.db].
+    #[arg(long, env = "TRELLIS_STORE", value_name = "URL")]
+    store: Option<String>,
+}
+
+#[derive(Debug, Subcommand)]
+enum EventsCommand {
+    /// Publish one JSON event to TOPIC.
+    Publish {
+        /// Topic name.
+        topic: String,
+        /// The event: any JSON value.
+        json: String,
+        /// Ordering key: events with one key keep their order.
+        #[arg(long)]
+        key: Option<String>,
+        #[command(flatten)]
+        bus: BusArgs,
+    },
+    /// Consume TOPIC in a consumer group; one JSON envelope per line on stdout.
+    Consume {
+        /// Topic name.
+        topic: String,
+        /// Consumer group.
+        #[arg(long)]
+        group: String,
+        /// Start at the oldest event when the group has no committed offset.
+        #[arg(long)]
+        from_beginning: bool,
+        /// Stop after N events.
+        #[arg(long, value_name = "N")]
+        max: Option<u64>,
+        #[command(flatten)]
+        bus: BusArgs,
+    },
 }
 
 #[derive(Debug, Args)]
@@ -186,6 +234,7 @@ async fn run(cli: Cli) -> Result<(), String> {
                 .await
         }
         Command::Config { command } => config(command).await,
+        Command::Events { command } => events(command).await,
     }
 }
 
@@ -260,6 +309,68 @@ async fn shutdown_signal() {
     #[cfg(not(unix))]
     {
         let _ = tokio::signal::ctrl_c().await;
+    }
+}
+
+async fn open_bus(args: &BusArgs) -> Result<trellis_events::EventBus, String> {
+    let url = args
+        .store
+        .clone()
+        .unwrap_or_else(|| trellis_admin::DEFAULT_STORE_URL.to_owned());
+    let store = trellis_store::Store::open(&url)
+        .await
+        .map_err(|e| e.to_string())?;
+    trellis_events::EventBus::from_url(&args.bus, &store)
+        .await
+        .map_err(|e| e.to_string())
+}
+
+async fn events(command: EventsCommand) -> Result<(), String> {
+    match command {
+        EventsCommand::Publish {
+            topic,
+            json,
+            key,
+            bus,
+        } => {
+            let bus = open_bus(&bus).await?;
+            let published = trellis_events::cli::publish_json(&bus, &topic, &json, key.as_deref())
+                .await
+                .map_err(|e| e.to_string())?;
+            println!(
+                "{}",
+                serde_json::json!({
+                    "id": published.id.to_string(),
+                    "topic": published.topic,
+                    "partition": published.partition,
+                    "offset": published.offset,
+                })
+            );
+            Ok(())
+        }
+        EventsCommand::Consume {
+            topic,
+            group,
+            from_beginning,
+            max,
+            bus,
+        } => {
+            let bus = open_bus(&bus).await?;
+            let stop = trellis_events::StopSignal::new();
+            let on_signal = stop.clone();
+            tokio::spawn(async move {
+                shutdown_signal().await;
+                on_signal.stop();
+            });
+            let options = trellis_events::cli::ConsumeOptions::new(group)
+                .from_beginning(from_beginning)
+                .max(max)
+                .stop(stop);
+            trellis_events::cli::consume_json(&bus, &topic, options, std::io::stdout())
+                .await
+                .map(|_| ())
+                .map_err(|e| e.to_string())
+        }
     }
 }
 

@@ -57,6 +57,7 @@
 
 mod bus;
 pub mod cli;
+mod connect;
 pub mod contract;
 mod embedded;
 mod envelope;
