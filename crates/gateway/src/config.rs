@@ -52,7 +52,69 @@ pub enum LoadBalancer {
     RoundRobin,
     /// Uniformly at random.
     Random,
+    /// Power of two choices on requests in flight.
+    LeastRequest,
+    /// In proportion to each instance's `weight` metadata (default 1) — blue-green splits.
+    Weighted,
+    /// By the hash of the route's `hash_header` value: one client sticks to one instance.
+    ConsistentHash,
 }
+
+impl LoadBalancer {
+    pub(crate) fn strategy(self) -> trellis_resilience::balance::Strategy {
+        use trellis_resilience::balance::Strategy;
+        match self {
+            LoadBalancer::RoundRobin => Strategy::RoundRobin,
+            LoadBalancer::Random => Strategy::Random,
+            LoadBalancer::LeastRequest => Strategy::LeastRequest,
+            LoadBalancer::Weighted => Strategy::Weighted,
+            LoadBalancer::ConsistentHash => Strategy::ConsistentHash,
+        }
+    }
+}
+
+/// `rate_limiting = { enabled = true, requests = 1000, window = "1m" }`.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RateLimitConfig {
+    /// Defaults to `true`.
+    #[serde(default = "yes")]
+    pub enabled: bool,
+    /// Requests admitted per window (also the burst).
+    pub requests: u32,
+    /// The window, e.g. `"1m"`.
+    pub window: HumanDuration,
+}
+
+/// `circuit_breaker = { enabled = true, threshold = 5, timeout = "60s" }` — the seed's options.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CircuitBreakerConfig {
+    /// Defaults to `true`.
+    #[serde(default = "yes")]
+    pub enabled: bool,
+    /// Consecutive failures (5xx, connect errors, timeouts) that open it. Defaults to 5.
+    #[serde(default = "five")]
+    pub threshold: u32,
+    /// How long it stays open before letting a probe through. Defaults to 60 s.
+    #[serde(default = "sixty_seconds")]
+    pub timeout: HumanDuration,
+}
+
+fn yes() -> bool {
+    true
+}
+
+fn five() -> u32 {
+    5
+}
+
+fn sixty_seconds() -> HumanDuration {
+    Duration::from_secs(60).into()
+}
+
+/// Middleware a route can name in `middleware = [...]`.
+pub const MIDDLEWARE: [&str; 3] = ["authentication", "authorization", "rate_limiting"];
 
 /// The `[gateway]` table.
 #[derive(Debug, Clone, PartialEq, Deserialize)]
@@ -64,6 +126,11 @@ pub struct GatewayConfig {
     pub load_balancer: LoadBalancer,
     /// Limits on what clients may send.
     pub limits: Limits,
+    /// Rate limiting for every route that uses it; keyed by JWT subject, else the
+    /// `x-api-key` header, else the client IP. Defaults to none.
+    pub rate_limiting: Option<RateLimitConfig>,
+    /// JWT authentication for every route that uses it. Defaults to none.
+    pub authentication: Option<trellis_auth::JwtConfig>,
     /// The routes, tried most specific first.
     pub routes: Vec<RouteConfig>,
 }
@@ -74,6 +141,8 @@ impl Default for GatewayConfig {
             listen: "127.0.0.1:8080".into(),
             load_balancer: LoadBalancer::default(),
             limits: Limits::default(),
+            rate_limiting: None,
+            authentication: None,
             routes: Vec::new(),
         }
     }
@@ -129,6 +198,27 @@ pub struct RouteConfig {
     /// Load balancer of this route; defaults to the gateway's.
     #[serde(default)]
     pub load_balancer: Option<LoadBalancer>,
+    /// Header whose value the `consistent_hash` balancer hashes.
+    #[serde(default)]
+    pub hash_header: Option<String>,
+    /// Extra attempts on another instance for idempotent requests without a body (or ones
+    /// marked retryable) after a connect error, a timeout or a 502/503/504, within the
+    /// gateway's retry budget (20% of requests). Defaults to 0.
+    #[serde(default)]
+    pub retries: u32,
+    /// The route's circuit breaker.
+    #[serde(default)]
+    pub circuit_breaker: Option<CircuitBreakerConfig>,
+    /// Which of `authentication`, `authorization`, `rate_limiting` apply. Empty means every
+    /// one configured at the gateway level (and `authorization` when the route has a rule).
+    #[serde(default)]
+    pub middleware: Vec<String>,
+    /// Who may call the route (roles/scopes claims of the JWT); 403 otherwise.
+    #[serde(default)]
+    pub authorization: Option<trellis_auth::AuthzRule>,
+    /// This route's own rate limit instead of the gateway's.
+    #[serde(default)]
+    pub rate_limiting: Option<RateLimitConfig>,
 }
 
 impl RouteConfig {
@@ -143,7 +233,47 @@ impl RouteConfig {
             headers: BTreeMap::new(),
             timeout: None,
             load_balancer: None,
+            hash_header: None,
+            retries: 0,
+            circuit_breaker: None,
+            middleware: Vec::new(),
+            authorization: None,
+            rate_limiting: None,
         }
+    }
+
+    /// Whether `middleware` applies to this route, given what the gateway configures.
+    pub(crate) fn uses(&self, middleware: &str, configured_at_gateway: bool) -> bool {
+        if self.middleware.is_empty() {
+            configured_at_gateway
+        } else {
+            self.middleware.iter().any(|m| m == middleware)
+        }
+    }
+
+    /// Extra attempts for retryable requests.
+    #[must_use]
+    pub fn retries(mut self, retries: u32) -> Self {
+        self.retries = retries;
+        self
+    }
+
+    /// The route's circuit breaker.
+    #[must_use]
+    pub fn circuit_breaker(mut self, threshold: u32, timeout: Duration) -> Self {
+        self.circuit_breaker = Some(CircuitBreakerConfig {
+            enabled: true,
+            threshold,
+            timeout: timeout.into(),
+        });
+        self
+    }
+
+    /// Which middleware apply.
+    #[must_use]
+    pub fn middleware(mut self, names: &[&str]) -> Self {
+        self.middleware = names.iter().map(|m| (*m).to_owned()).collect();
+        self
     }
 
     /// Removes `prefix` before forwarding.
@@ -194,6 +324,14 @@ impl GatewayConfig {
     /// Checks every value; the error names the key.
     pub fn validate(self) -> Result<Self, ConfigError> {
         self.listen_addr()?;
+        if let Some(rate) = &self.rate_limiting {
+            check_rate("rate_limiting", rate)?;
+        }
+        if let Some(auth) = &self.authentication {
+            auth.clone()
+                .validate()
+                .map_err(|e| invalid("authentication", e.to_string()))?;
+        }
         if self.limits.max_header_bytes < 8192 || self.limits.max_header_bytes > 1 << 20 {
             return Err(invalid(
                 "limits.max_header_bytes",
@@ -248,9 +386,76 @@ impl GatewayConfig {
             if route.upstream_timeout().is_zero() {
                 return Err(invalid(key("timeout"), "must be greater than zero"));
             }
+            if route.retries > 10 {
+                return Err(invalid(key("retries"), "at most 10"));
+            }
+            for name in &route.middleware {
+                if !MIDDLEWARE.contains(&name.as_str()) {
+                    return Err(invalid(
+                        key("middleware"),
+                        format!("{name:?} is not one of {}", MIDDLEWARE.join(", ")),
+                    ));
+                }
+            }
+            if route.uses("authentication", self.authentication.is_some())
+                && !route.middleware.is_empty()
+                && self.authentication.as_ref().is_none_or(|a| !a.enabled)
+            {
+                return Err(invalid(
+                    key("middleware"),
+                    "uses authentication but the gateway has no enabled [gateway.authentication]",
+                ));
+            }
+            if route.middleware.iter().any(|m| m == "authorization")
+                && route.authorization.is_none()
+            {
+                return Err(invalid(
+                    key("authorization"),
+                    "the route uses authorization but has no rule",
+                ));
+            }
+            if let Some(rule) = &route.authorization {
+                rule.clone()
+                    .validate()
+                    .map_err(|e| invalid(key("authorization"), e.to_string()))?;
+                if self.authentication.is_none() {
+                    return Err(invalid(
+                        key("authorization"),
+                        "needs [gateway.authentication] to know who calls",
+                    ));
+                }
+            }
+            if let Some(rate) = &route.rate_limiting {
+                check_rate(&key("rate_limiting"), rate)?;
+            }
+            if let Some(breaker) = &route.circuit_breaker
+                && (breaker.threshold == 0 || breaker.timeout.get().is_zero())
+            {
+                return Err(invalid(
+                    key("circuit_breaker"),
+                    "threshold and timeout must be greater than zero",
+                ));
+            }
+            if route.load_balancer == Some(LoadBalancer::ConsistentHash)
+                && route
+                    .hash_header
+                    .as_ref()
+                    .is_none_or(|h| http::HeaderName::from_bytes(h.as_bytes()).is_err())
+            {
+                return Err(invalid(
+                    key("hash_header"),
+                    "consistent_hash needs a valid header name to hash",
+                ));
+            }
         }
         Ok(self)
     }
+}
+
+fn check_rate(key: &str, rate: &RateLimitConfig) -> Result<(), ConfigError> {
+    trellis_resilience::ratelimit::Quota::new(rate.requests, rate.window.get())
+        .map(|_| ())
+        .map_err(|e| invalid(key, e.to_string()))
 }
 
 #[cfg(test)]

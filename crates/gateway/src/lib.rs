@@ -25,6 +25,9 @@ mod proxy;
 mod route;
 mod server;
 
-pub use config::{ConfigError, GatewayConfig, Limits, LoadBalancer, RouteConfig};
+pub use config::{
+    CircuitBreakerConfig, ConfigError, GatewayConfig, Limits, LoadBalancer, MIDDLEWARE,
+    RateLimitConfig, RouteConfig,
+};
 pub use proxy::{Body, BoxError};
 pub use server::{ApiGateway, GatewayError, RunningGateway};

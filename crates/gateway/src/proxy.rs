@@ -16,10 +16,18 @@ use hyper::body::Incoming;
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
-use trellis_registry::{InstanceRecord, InstanceStatus, ServiceRegistry};
+use trellis_auth::{AuthError, JwtVerifier};
+use trellis_registry::{InstanceStatus, ServiceRegistry};
+use trellis_resilience::balance::{Endpoint, Outcome, PickContext, Picked};
+use trellis_resilience::breaker::BreakerOpen;
+use trellis_resilience::http::{
+    insert_rate_limit_headers, is_retryable_request, outcome_of, rate_limited_headers,
+};
+use trellis_resilience::ratelimit::RateLimited;
+use trellis_resilience::retry::{Backoff, RetryBudget};
 
-use crate::config::{GatewayConfig, Limits, LoadBalancer};
-use crate::route::{Route, RouteTable, check_path};
+use crate::config::{GatewayConfig, Limits};
+use crate::route::{Route, RouteTable, Upstream, check_path};
 
 /// Error type of bodies travelling through the gateway.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -51,10 +59,19 @@ pub(crate) struct State {
     client: Client<HttpConnector, Body>,
     next_id: AtomicU64,
     id_prefix: String,
+    verifier: Option<JwtVerifier>,
+    /// Headers the verifier forwards claims in: never taken from clients.
+    claim_headers: Vec<HeaderName>,
+    budget: RetryBudget,
+    backoff: Backoff,
 }
 
 impl State {
-    pub(crate) fn new(config: &GatewayConfig, registry: ServiceRegistry) -> Self {
+    pub(crate) fn new(
+        config: &GatewayConfig,
+        registry: ServiceRegistry,
+        verifier: Option<JwtVerifier>,
+    ) -> Self {
         let mut connector = HttpConnector::new();
         connector.set_nodelay(true);
         connector.set_connect_timeout(Some(Duration::from_secs(5)));
@@ -62,13 +79,24 @@ impl State {
             .pool_idle_timeout(Duration::from_secs(90))
             .pool_max_idle_per_host(256)
             .build(connector);
+        let claim_headers = verifier
+            .as_ref()
+            .map(|v| v.forward_claims().header_names().to_vec())
+            .unwrap_or_default();
         State {
-            table: ArcSwap::from_pointee(RouteTable::new(&config.routes, config.load_balancer)),
+            table: ArcSwap::from_pointee(RouteTable::from_config(config)),
             registry,
             limits: config.limits.clone(),
             client,
             next_id: AtomicU64::new(1),
             id_prefix: id_prefix(),
+            verifier,
+            claim_headers,
+            // Retries at most 20% of requests over 10 s, plus 10 a second for quiet times.
+            budget: RetryBudget::new(Duration::from_secs(10), 0.2, 10)
+                .unwrap_or_else(|_| unreachable_budget()),
+            backoff: Backoff::new(Duration::from_millis(25), Duration::from_secs(1))
+                .unwrap_or_else(|_| unreachable_backoff()),
         }
     }
 
@@ -109,12 +137,60 @@ pub(crate) enum Refusal {
     NoRoute(String),
     TooLarge(u64),
     NoInstance(String),
-    Unreachable { service: String, detail: String },
-    Timeout { service: String, after: Duration },
+    Unreachable {
+        service: String,
+        detail: String,
+    },
+    Timeout {
+        service: String,
+        after: Duration,
+    },
+    Unauthorized(AuthError),
+    Forbidden(String),
+    RateLimited(RateLimited),
+    CircuitOpen {
+        service: String,
+        retry_in: Option<Duration>,
+    },
 }
 
 impl Refusal {
     fn response(&self) -> Response<Body> {
+        match self {
+            Refusal::Unauthorized(e) => {
+                let mut response = json_response(e.status(), e.reason(), &e.to_string());
+                response
+                    .headers_mut()
+                    .insert(header::WWW_AUTHENTICATE, e.www_authenticate());
+                return response;
+            }
+            Refusal::RateLimited(limited) => {
+                let mut response = json_response(
+                    StatusCode::TOO_MANY_REQUESTS,
+                    "rate_limited",
+                    &format!(
+                        "rate limit exceeded; retry in {}",
+                        trellis_core::format_duration(limited.retry_after())
+                    ),
+                );
+                response.headers_mut().extend(rate_limited_headers(limited));
+                return response;
+            }
+            Refusal::CircuitOpen { service, retry_in } => {
+                let mut response = json_response(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "circuit_open",
+                    &format!("the circuit breaker of {service} is open"),
+                );
+                if let Some(value) = retry_in
+                    .and_then(|d| HeaderValue::from_str(&d.as_secs().max(1).to_string()).ok())
+                {
+                    response.headers_mut().insert(header::RETRY_AFTER, value);
+                }
+                return response;
+            }
+            _ => {}
+        }
         let (status, kind, detail) = match self {
             Refusal::BadRequest(d) => (StatusCode::BAD_REQUEST, "bad_request", d.clone()),
             Refusal::NoRoute(path) => (
@@ -145,6 +221,10 @@ impl Refusal {
                     trellis_core::format_duration(*after)
                 ),
             ),
+            Refusal::Forbidden(reason) => (StatusCode::FORBIDDEN, "forbidden", reason.clone()),
+            Refusal::Unauthorized(_) | Refusal::RateLimited(_) | Refusal::CircuitOpen { .. } => {
+                (StatusCode::INTERNAL_SERVER_ERROR, "internal", String::new())
+            }
         };
         json_response(status, kind, &detail)
     }
@@ -205,65 +285,202 @@ async fn forward(
         .find(&parts.method, host.as_deref(), path, &parts.headers)
         .ok_or_else(|| Refusal::NoRoute(path.to_owned()))?;
     let max_body = state.limits.max_body_bytes;
-    if let Some(length) = parts
+    let content_length = parts
         .headers
         .get(header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<u64>().ok())
-        && length > max_body
-    {
+        .and_then(|v| v.parse::<u64>().ok());
+    if content_length.is_some_and(|length| length > max_body) {
         return Err(Refusal::TooLarge(max_body));
     }
+
+    // Who is calling: claims headers are never taken from the client.
+    for name in &state.claim_headers {
+        parts.headers.remove(name);
+    }
+    let mut subject = None;
+    if route.authenticate {
+        let Some(verifier) = &state.verifier else {
+            return Err(Refusal::Forbidden(
+                "authentication is not configured".into(),
+            ));
+        };
+        let claims = verifier
+            .verify_request(&parts.headers)
+            .await
+            .map_err(Refusal::Unauthorized)?;
+        if route.authorize
+            && let Some(rule) = &route.config.authorization
+        {
+            rule.authorize(&claims)
+                .map_err(|e| Refusal::Forbidden(e.to_string()))?;
+        }
+        for (name, value) in verifier
+            .forward_headers(&claims)
+            .map_err(Refusal::Unauthorized)?
+        {
+            parts.headers.insert(name, value);
+        }
+        subject = claims.subject().map(str::to_owned);
+    }
+
+    let mut rate_info = None;
+    if let (Some(class), Some(limiter)) = (&route.rate_class, &table.limiter) {
+        let key = subject
+            .clone()
+            .or_else(|| {
+                parts
+                    .headers
+                    .get("x-api-key")
+                    .and_then(|v| v.to_str().ok())
+                    .map(|k| format!("key:{k}"))
+            })
+            .unwrap_or_else(|| remote.ip().to_string());
+        let class = (class != "default").then_some(class.as_str());
+        rate_info = Some(limiter.check(class, &key).map_err(Refusal::RateLimited)?);
+    }
+
     let service = route.config.service.clone();
-    let instance = pick(state, route).ok_or_else(|| Refusal::NoInstance(service.clone()))?;
+    let permit = match &route.breaker {
+        Some(breaker) => {
+            Some(
+                breaker
+                    .try_acquire()
+                    .map_err(|open: BreakerOpen| Refusal::CircuitOpen {
+                        service: service.clone(),
+                        retry_in: Some(open.retry_in()),
+                    })?,
+            )
+        }
+        None => None,
+    };
 
     let upstream_path = route.upstream_path(path);
     let path_and_query = match parts.uri.query() {
         Some(query) => format!("{upstream_path}?{query}"),
         None => upstream_path.into_owned(),
     };
-    parts.uri = Uri::builder()
-        .scheme("http")
-        .authority(authority(&instance))
-        .path_and_query(path_and_query)
-        .build()
-        .map_err(|e| Refusal::BadRequest(format!("cannot build the upstream URI: {e}")))?;
     parts.version = http::Version::HTTP_11;
     forward_headers(&mut parts.headers, remote, host.as_deref(), request_id);
-    let body = Limited::new(body, usize::try_from(max_body).unwrap_or(usize::MAX))
-        .map_err(|e| -> BoxError { Box::new(ClientBodyError(e)) })
-        .boxed();
+    let bodiless =
+        content_length.unwrap_or(0) == 0 && !parts.headers.contains_key(header::TRANSFER_ENCODING);
+    // Only idempotent (or marked) requests without a body may be sent twice.
+    let attempts = if bodiless && is_retryable_request(&Request::from_parts(parts.clone(), ())) {
+        1 + route.config.retries
+    } else {
+        1
+    };
+    state.budget.deposit();
+    let mut body = Some(
+        Limited::new(body, usize::try_from(max_body).unwrap_or(usize::MAX))
+            .map_err(|e| -> BoxError { Box::new(ClientBodyError(e)) })
+            .boxed(),
+    );
     let timeout = route.config.upstream_timeout();
-    let upstream = Request::from_parts(parts, body);
-    match tokio::time::timeout(timeout, state.client.request(upstream)).await {
-        Err(_) => Err(Refusal::Timeout {
-            service,
-            after: timeout,
-        }),
-        Ok(Err(e)) => {
-            if let Some(client_error) = client_body_error(&e) {
-                if client_error.0.is::<http_body_util::LengthLimitError>() {
-                    return Err(Refusal::TooLarge(max_body));
-                }
-                return Err(Refusal::BadRequest(format!(
-                    "request body: {}",
-                    error_chain(&*client_error.0)
+    let mut attempt = 0;
+    let result = loop {
+        attempt += 1;
+        let Some(picked) = pick(state, route, &parts.headers) else {
+            break Err(Refusal::NoInstance(service.clone()));
+        };
+        let mut upstream_parts = parts.clone();
+        upstream_parts.uri = match Uri::builder()
+            .scheme("http")
+            .authority(picked.value().as_str())
+            .path_and_query(path_and_query.as_str())
+            .build()
+        {
+            Ok(uri) => uri,
+            Err(e) => {
+                break Err(Refusal::BadRequest(format!(
+                    "cannot build the upstream URI: {e}"
                 )));
             }
-            Err(Refusal::Unreachable {
-                service,
-                detail: format!("{} ({})", instance.address(), error_chain(&e)),
-            })
+        };
+        let attempt_body = body.take().unwrap_or_else(|| full(Bytes::new()));
+        let sent = tokio::time::timeout(
+            timeout,
+            state
+                .client
+                .request(Request::from_parts(upstream_parts, attempt_body)),
+        )
+        .await;
+        let may_retry = attempt < attempts && state.budget.withdraw();
+        match sent {
+            Ok(Ok(response)) => {
+                let status = response.status();
+                let outcome = outcome_of(status);
+                picked.report(outcome);
+                if may_retry && matches!(status.as_u16(), 502..=504) {
+                    tokio::time::sleep(state.backoff.delay(attempt - 1)).await;
+                    continue;
+                }
+                break Ok(response);
+            }
+            Ok(Err(e)) => {
+                if let Some(client_error) = client_body_error(&e) {
+                    drop(picked);
+                    if client_error.0.is::<http_body_util::LengthLimitError>() {
+                        break Err(Refusal::TooLarge(max_body));
+                    }
+                    break Err(Refusal::BadRequest(format!(
+                        "request body: {}",
+                        error_chain(&*client_error.0)
+                    )));
+                }
+                let address = picked.value().clone();
+                picked.report(Outcome::Failure);
+                if may_retry {
+                    tokio::time::sleep(state.backoff.delay(attempt - 1)).await;
+                    continue;
+                }
+                break Err(Refusal::Unreachable {
+                    service: service.clone(),
+                    detail: format!("{address} ({})", error_chain(&e)),
+                });
+            }
+            Err(_) => {
+                picked.report(Outcome::Failure);
+                if may_retry {
+                    continue;
+                }
+                break Err(Refusal::Timeout {
+                    service: service.clone(),
+                    after: timeout,
+                });
+            }
         }
-        Ok(Ok(response)) => {
-            let (mut parts, body) = response.into_parts();
-            strip_hop_by_hop(&mut parts.headers);
-            Ok(Response::from_parts(
-                parts,
-                body.map_err(|e| -> BoxError { Box::new(e) }).boxed(),
-            ))
-        }
+    };
+    if let Some(permit) = permit {
+        let failed = match &result {
+            Ok(response) => response.status().is_server_error(),
+            Err(Refusal::Timeout { .. } | Refusal::Unreachable { .. } | Refusal::NoInstance(_)) => {
+                true
+            }
+            Err(_) => false,
+        };
+        permit.record(failed);
     }
+    let response = result?;
+    let (mut parts, body) = response.into_parts();
+    strip_hop_by_hop(&mut parts.headers);
+    if let Some(info) = &rate_info {
+        insert_rate_limit_headers(&mut parts.headers, info);
+    }
+    Ok(Response::from_parts(
+        parts,
+        body.map_err(|e| -> BoxError { Box::new(e) }).boxed(),
+    ))
+}
+
+fn unreachable_budget() -> RetryBudget {
+    // The constants above are valid; this only keeps construction panic-free.
+    RetryBudget::new(Duration::from_secs(10), 0.0, 0).unwrap_or_else(|_| unreachable_budget())
+}
+
+fn unreachable_backoff() -> Backoff {
+    Backoff::new(Duration::from_millis(1), Duration::from_millis(1))
+        .unwrap_or_else(|_| unreachable_backoff())
 }
 
 /// An error of the body the client sent (malformed chunks, too long), as opposed to an
@@ -305,53 +522,41 @@ fn error_chain(error: &dyn std::error::Error) -> String {
     text
 }
 
-fn authority(instance: &InstanceRecord) -> String {
-    let host = &instance.instance.host;
-    if host.contains(':') && !host.starts_with('[') {
-        format!("[{host}]:{}", instance.instance.port)
-    } else {
-        format!("{host}:{}", instance.instance.port)
-    }
-}
-
-/// Chooses an instance of the route's service: healthy ones, or those not checked yet;
-/// never unhealthy ones.
-fn pick(state: &State, route: &Route) -> Option<InstanceRecord> {
+/// Picks an instance of the route's service: its balancer is rebuilt from the registry
+/// snapshot whenever the service's instances changed (a memory read per request).
+/// Unhealthy instances are never picked; instances not checked yet are.
+fn pick(state: &State, route: &Route, headers: &HeaderMap) -> Option<Picked<Upstream>> {
     let found = state.registry.discover(&route.config.service);
-    let eligible = || {
-        found
-            .iter()
-            .filter(|r| r.status != InstanceStatus::Unhealthy)
-    };
-    let count = eligible().count();
-    if count == 0 {
-        return None;
+    let generation = found.generation();
+    if route.synced.swap(generation, Ordering::AcqRel) != generation {
+        route.balancer.update(found.iter().map(|record| {
+            let host = &record.instance.host;
+            let authority = if host.contains(':') && !host.starts_with('[') {
+                format!("[{host}]:{}", record.instance.port)
+            } else {
+                format!("{host}:{}", record.instance.port)
+            };
+            let weight = record
+                .instance
+                .metadata
+                .get("weight")
+                .and_then(|w| w.parse().ok())
+                .unwrap_or(1);
+            Endpoint::new(record.instance.id.as_str(), authority)
+                .with_weight(weight)
+                .with_health(record.status != InstanceStatus::Unhealthy)
+        }));
     }
-    let index = match route.load_balancer {
-        LoadBalancer::RoundRobin => route.next_turn() % count,
-        LoadBalancer::Random => fastrand_below(count),
+    let hash = route
+        .hash_header
+        .as_ref()
+        .and_then(|name| headers.get(name))
+        .map(HeaderValue::as_bytes);
+    let context = match hash {
+        Some(key) => PickContext::new().with_hash_key(key),
+        None => PickContext::new(),
     };
-    eligible().nth(index).cloned()
-}
-
-/// A small xorshift generator per thread: load balancing needs spread, not secrecy.
-fn fastrand_below(n: usize) -> usize {
-    use std::cell::Cell;
-    thread_local! {
-        static STATE: Cell<u64> = Cell::new(id_prefix_seed());
-    }
-    STATE.with(|s| {
-        let mut x = s.get();
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        s.set(x);
-        (x % n as u64) as usize
-    })
-}
-
-fn id_prefix_seed() -> u64 {
-    u64::from_str_radix(&id_prefix(), 16).unwrap_or(0x9E37_79B9_7F4A_7C15) | 1
+    route.balancer.pick(&context)
 }
 
 fn strip_hop_by_hop(headers: &mut HeaderMap) {
@@ -389,11 +594,4 @@ fn forward_headers(
         headers.insert(X_FORWARDED_HOST, value);
     }
     headers.insert(REQUEST_ID, request_id.clone());
-}
-
-impl Route {
-    /// The next round-robin turn of this route.
-    pub(crate) fn next_turn(&self) -> usize {
-        self.turns.fetch_add(1, Ordering::Relaxed)
-    }
 }

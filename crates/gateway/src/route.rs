@@ -1,9 +1,18 @@
 //! Route matching, path safety and prefix stripping.
 
+use std::sync::Arc;
+use std::sync::atomic::AtomicU64;
+
 use http::{HeaderMap, HeaderName, HeaderValue, Method};
 use percent_encoding::percent_decode_str;
+use trellis_resilience::balance::LoadBalancer as Balancer;
+use trellis_resilience::breaker::{BreakerConfig, CircuitBreaker};
+use trellis_resilience::ratelimit::{Quota, RateLimiter};
 
-use crate::config::{LoadBalancer, RouteConfig};
+use crate::config::{GatewayConfig, RateLimitConfig, RouteConfig};
+
+/// What a route forwards to: the upstream authority (`host:port`).
+pub(crate) type Upstream = String;
 
 /// A route ready for matching.
 #[derive(Debug)]
@@ -15,23 +24,91 @@ pub(crate) struct Route {
     methods: Vec<Method>,
     host: Option<String>,
     headers: Vec<(HeaderName, HeaderValue)>,
-    pub(crate) load_balancer: LoadBalancer,
-    /// Round-robin position.
-    pub(crate) turns: std::sync::atomic::AtomicUsize,
+    /// Picks among the service's instances; rebuilt when the registry's view changes.
+    pub(crate) balancer: Balancer<Upstream>,
+    /// The registry generation `balancer` was last built from.
+    pub(crate) synced: AtomicU64,
+    pub(crate) breaker: Option<Arc<CircuitBreaker>>,
+    pub(crate) hash_header: Option<HeaderName>,
+    /// Rate-limit class, when rate limiting applies.
+    pub(crate) rate_class: Option<String>,
+    pub(crate) authenticate: bool,
+    pub(crate) authorize: bool,
 }
 
-/// All routes, most specific first.
+/// All routes, most specific first, with the rate limiter their quotas live in.
 #[derive(Debug, Default)]
 pub(crate) struct RouteTable {
     pub(crate) routes: Vec<Route>,
+    pub(crate) limiter: Option<RateLimiter>,
+}
+
+fn quota(config: &RateLimitConfig) -> Option<Quota> {
+    Quota::new(config.requests, config.window.get()).ok()
 }
 
 impl RouteTable {
-    /// Compiles validated route configs.
-    pub(crate) fn new(configs: &[RouteConfig], default_lb: LoadBalancer) -> Self {
+    /// Compiles a validated gateway configuration's routes.
+    pub(crate) fn from_config(config: &GatewayConfig) -> Self {
+        Self::build(config, &config.routes)
+    }
+
+    /// Compiles validated route configs with the gateway's defaults.
+    #[cfg(test)]
+    pub(crate) fn new(configs: &[RouteConfig], default_lb: crate::config::LoadBalancer) -> Self {
+        let gateway = GatewayConfig {
+            load_balancer: default_lb,
+            ..GatewayConfig::default()
+        };
+        Self::build(&gateway, configs)
+    }
+
+    fn build(gateway: &GatewayConfig, configs: &[RouteConfig]) -> Self {
+        let global_rate = gateway
+            .rate_limiting
+            .as_ref()
+            .filter(|r| r.enabled)
+            .and_then(quota);
+        let auth_enabled = gateway.authentication.as_ref().is_some_and(|a| a.enabled);
+        let mut classes: Vec<(String, Quota)> = Vec::new();
+        let default_lb = gateway.load_balancer;
         let mut routes: Vec<Route> = configs
             .iter()
-            .map(|config| {
+            .enumerate()
+            .map(|(index, config)| {
+                let own_rate = config
+                    .rate_limiting
+                    .as_ref()
+                    .filter(|r| r.enabled)
+                    .and_then(quota);
+                let rate_class =
+                    if config.uses("rate_limiting", global_rate.is_some() || own_rate.is_some()) {
+                        match own_rate {
+                            Some(q) => {
+                                let class = format!("route{index}");
+                                classes.push((class.clone(), q));
+                                Some(class)
+                            }
+                            None => global_rate.map(|_| "default".to_owned()),
+                        }
+                    } else {
+                        None
+                    };
+                let load_balancer = config.load_balancer.unwrap_or(default_lb);
+                let balancer = Balancer::builder(load_balancer.strategy())
+                    .build()
+                    .unwrap_or_else(|_| Balancer::new(load_balancer.strategy()));
+                let breaker = config
+                    .circuit_breaker
+                    .as_ref()
+                    .filter(|b| b.enabled)
+                    .and_then(|b| {
+                        let settings = BreakerConfig::default()
+                            .threshold(b.threshold)
+                            .open_timeout(b.timeout.get());
+                        CircuitBreaker::new(format!("route {}", config.path), settings).ok()
+                    })
+                    .map(Arc::new);
                 let (prefix, wildcard) = match config.path.strip_suffix("/*") {
                     Some(prefix) => (prefix.to_owned(), true),
                     None => (config.path.clone(), false),
@@ -55,8 +132,16 @@ impl RouteTable {
                             ))
                         })
                         .collect(),
-                    load_balancer: config.load_balancer.unwrap_or(default_lb),
-                    turns: std::sync::atomic::AtomicUsize::new(0),
+                    balancer,
+                    synced: AtomicU64::new(u64::MAX),
+                    breaker,
+                    hash_header: config
+                        .hash_header
+                        .as_ref()
+                        .and_then(|h| HeaderName::from_bytes(h.as_bytes()).ok()),
+                    rate_class,
+                    authenticate: config.uses("authentication", auth_enabled),
+                    authorize: config.authorization.is_some() && config.uses("authorization", true),
                     config: config.clone(),
                 }
             })
@@ -70,7 +155,21 @@ impl RouteTable {
                 .then(a.wildcard.cmp(&b.wildcard))
                 .then(b.conditions().cmp(&a.conditions()))
         });
-        RouteTable { routes }
+        let uses_limits = routes.iter().any(|r| r.rate_class.is_some());
+        // The default quota is the gateway's; routes with their own use a class. When the
+        // gateway sets none, no route uses the default, so any quota stands in for it.
+        let default = global_rate.or_else(|| classes.first().map(|(_, q)| *q));
+        let limiter = match default {
+            Some(default) if uses_limits => {
+                let mut builder = RateLimiter::builder(default);
+                for (class, q) in classes {
+                    builder = builder.class(class, q);
+                }
+                Some(builder.build())
+            }
+            _ => None,
+        };
+        RouteTable { routes, limiter }
     }
 
     /// The route for a request, if any.
@@ -179,7 +278,7 @@ mod tests {
     use super::*;
 
     fn table(routes: Vec<RouteConfig>) -> RouteTable {
-        RouteTable::new(&routes, LoadBalancer::RoundRobin)
+        RouteTable::new(&routes, crate::config::LoadBalancer::RoundRobin)
     }
 
     fn find<'a>(t: &'a RouteTable, method: &str, path: &str) -> Option<&'a str> {

@@ -68,7 +68,16 @@ impl ApiGateway {
         let local = listener
             .local_addr()
             .map_err(|source| GatewayError::Bind { addr, source })?;
-        let state = Arc::new(State::new(&self.config, self.registry));
+        let verifier = match self.config.authentication.as_ref().filter(|a| a.enabled) {
+            Some(auth) => Some(trellis_auth::JwtVerifier::from_config(auth).map_err(|e| {
+                GatewayError::Config(ConfigError::Invalid {
+                    key: "authentication".into(),
+                    reason: e.to_string(),
+                })
+            })?),
+            None => None,
+        };
+        let state = Arc::new(State::new(&self.config, self.registry, verifier));
         let (stop, stopped) = oneshot::channel();
         let task = tokio::spawn(accept_loop(listener, state.clone(), stopped));
         tracing::info!(addr = %local, routes = self.config.routes.len(), "gateway listening");
@@ -102,14 +111,14 @@ impl RunningGateway {
         self.addr
     }
 
-    /// Replaces the routes; requests already in flight are not disturbed. The listen
-    /// address and limits stay as they were.
+    /// Replaces the routes (with their balancers, breakers and rate limits, which start
+    /// afresh); requests already in flight are not disturbed. The listen address, limits
+    /// and authentication keys stay as they were at start.
     pub fn reload(&self, config: GatewayConfig) -> Result<(), GatewayError> {
         let config = config.validate()?;
-        self.state.table.store(Arc::new(RouteTable::new(
-            &config.routes,
-            config.load_balancer,
-        )));
+        self.state
+            .table
+            .store(Arc::new(RouteTable::from_config(&config)));
         tracing::info!(routes = config.routes.len(), "gateway routes reloaded");
         Ok(())
     }

@@ -59,6 +59,13 @@ impl Discovery {
         self.stale
     }
 
+    /// A number that changes whenever this service's membership, statuses or metadata
+    /// change (lease renewals alone do not move it): callers that derive state from the
+    /// instances (a load balancer's endpoint set) rebuild it only when it moved.
+    pub fn generation(&self) -> u64 {
+        self.entry.as_ref().map_or(0, |e| e.generation)
+    }
+
     /// Every live instance, ordered by id.
     pub fn iter(&self) -> impl Iterator<Item = &InstanceRecord> + '_ {
         let stale = self.stale;
