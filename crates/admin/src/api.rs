@@ -43,9 +43,19 @@ struct StateInner {
     monitor: ServiceHealthMonitor,
     metrics: Arc<Metrics>,
     token: Option<String>,
+    gateway: Option<trellis_gateway::GatewayInspector>,
 }
 
 impl AdminState {
+    /// Serves the gateway's routes, upstreams and rate limits under `/v1/gateway/`.
+    #[must_use]
+    pub fn with_gateway(mut self, gateway: trellis_gateway::GatewayInspector) -> Self {
+        if let Some(inner) = Arc::get_mut(&mut self.inner) {
+            inner.gateway = Some(gateway);
+        }
+        self
+    }
+
     /// Bundles the parts. With a `token`, every request except `/health/live` and
     /// `/health/ready` must carry `Authorization: Bearer TOKEN`.
     pub fn new(
@@ -64,6 +74,7 @@ impl AdminState {
                 monitor,
                 metrics,
                 token,
+                gateway: None,
             }),
         }
     }
@@ -97,6 +108,7 @@ pub fn router(state: AdminState) -> Router {
         .route("/v1/config/{service}/history", get(config_history))
         .route("/v1/config/{service}/rollback", post(config_rollback))
         .route("/v1/config/{service}/watch", get(config_watch))
+        .route("/v1/gateway/{view}", get(gateway_view))
         .route("/metrics", get(metrics))
         .with_state(state.clone())
         // GET /health, /health/live, /health/ready
@@ -177,6 +189,25 @@ async fn metrics(State(state): State<AdminState>) -> Response {
         body,
     )
         .into_response()
+}
+
+/// `GET /v1/gateway/routes|upstreams|ratelimits`.
+async fn gateway_view(
+    State(state): State<AdminState>,
+    view: Result<Path<String>, PathRejection>,
+) -> Result<Json<Value>, ApiError> {
+    let view = path(view)?;
+    let Some(gateway) = &state.inner.gateway else {
+        return Err(ApiError::not_found("no gateway runs in this node"));
+    };
+    match view.as_str() {
+        "routes" => Ok(Json(json!({"routes": gateway.routes()}))),
+        "upstreams" => Ok(Json(json!({"routes": gateway.upstreams()}))),
+        "ratelimits" => Ok(Json(json!({"classes": gateway.rate_limits()}))),
+        other => Err(ApiError::not_found(format!(
+            "no gateway view {other:?}; try routes, upstreams or ratelimits"
+        ))),
+    }
 }
 
 // ---- extraction helpers: every rejection is a JSON 400 naming the problem ----

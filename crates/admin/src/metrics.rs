@@ -130,6 +130,12 @@ impl Metrics {
         }
     }
 
+    /// Registers more metrics (the gateway's) in this node's registry.
+    pub fn register_with<T>(&self, register: impl FnOnce(&mut Registry) -> T) -> T {
+        let mut registry = self.registry.lock().unwrap_or_else(|p| p.into_inner());
+        register(&mut registry)
+    }
+
     /// Records one admin request.
     pub fn observe_request(&self, route: &str, method: &str, status: u16, seconds: f64) {
         self.requests

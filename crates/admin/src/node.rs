@@ -145,18 +145,29 @@ impl Node {
         let monitor = ServiceHealthMonitor::builder("trellis-admin")
             .check("store", StoreCheck::new(store.clone()))
             .build();
-        let state = AdminState::new(
+        let mut state = AdminState::new(
             store.clone(),
             registry.clone(),
             config,
             monitor,
-            metrics,
+            metrics.clone(),
             settings.admin.token.clone(),
         );
         let gateway = match settings.gateway.clone() {
-            Some(config) => Some(ApiGateway::new(config, registry.clone())?.start().await?),
+            Some(config) => {
+                let gateway_metrics = metrics.register_with(trellis_gateway::GatewayMetrics::new);
+                Some(
+                    ApiGateway::new(config, registry.clone())?
+                        .with_metrics(gateway_metrics)
+                        .start()
+                        .await?,
+                )
+            }
             None => None,
         };
+        if let Some(gateway) = &gateway {
+            state = state.with_gateway(gateway.inspector());
+        }
         let listener = TcpListener::bind(addr)
             .await
             .map_err(|source| NodeError::Bind { addr, source })?;

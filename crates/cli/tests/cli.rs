@@ -406,6 +406,53 @@ async fn up_runs_the_gateway_of_its_settings_and_gateway_runs_alone() {
     assert_eq!(response.text().await.unwrap(), "ok");
     assert_eq!(hits.load(Ordering::SeqCst), 1);
 
+    // The admin API shows the gateway's routes, upstreams and metrics.
+    let (status, routes) = http(
+        reqwest::Method::GET,
+        format!("http://{}/v1/gateway/routes", node.addr),
+        None,
+    )
+    .await;
+    assert_eq!(status, 200);
+    assert_eq!(routes["routes"][0]["path"], "/api/web/*");
+    let (_, upstreams) = http(
+        reqwest::Method::GET,
+        format!("http://{}/v1/gateway/upstreams", node.addr),
+        None,
+    )
+    .await;
+    assert_eq!(
+        upstreams["routes"][0]["instances"][0]["id"], "w1",
+        "{upstreams}"
+    );
+    assert_eq!(
+        upstreams["routes"][0]["instances"][0]["requests"], 1,
+        "{upstreams}"
+    );
+    let (status, _) = http(
+        reqwest::Method::GET,
+        format!("http://{}/v1/gateway/nothing", node.addr),
+        None,
+    )
+    .await;
+    assert_eq!(status, 404);
+    let metrics = reqwest::get(format!("http://{}/metrics", node.addr))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains(
+            "trellis_gateway_requests_total{route=\"/api/web/*\",service=\"web\",status=\"200\"} 1"
+        ),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("trellis_gateway_request_duration_seconds_bucket"),
+        "{metrics}"
+    );
+
     // The same settings, gateway alone, sharing the store: it routes to the same instance.
     let mut alone = Command::new(TRELLIS)
         .args(["gateway", "--config"])

@@ -21,6 +21,7 @@
 //! ```
 
 mod config;
+mod metrics;
 mod proxy;
 mod route;
 mod server;
@@ -29,5 +30,6 @@ pub use config::{
     CircuitBreakerConfig, ConfigError, GatewayConfig, Limits, LoadBalancer, MIDDLEWARE,
     RateLimitConfig, RouteConfig,
 };
+pub use metrics::{GatewayInspector, GatewayMetrics};
 pub use proxy::{Body, BoxError};
 pub use server::{ApiGateway, GatewayError, RunningGateway};

@@ -64,6 +64,7 @@ pub(crate) struct State {
     claim_headers: Vec<HeaderName>,
     budget: RetryBudget,
     backoff: Backoff,
+    pub(crate) metrics: Option<crate::metrics::GatewayMetrics>,
 }
 
 impl State {
@@ -71,6 +72,7 @@ impl State {
         config: &GatewayConfig,
         registry: ServiceRegistry,
         verifier: Option<JwtVerifier>,
+        metrics: Option<crate::metrics::GatewayMetrics>,
     ) -> Self {
         let mut connector = HttpConnector::new();
         connector.set_nodelay(true);
@@ -97,6 +99,7 @@ impl State {
                 .unwrap_or_else(|_| unreachable_budget()),
             backoff: Backoff::new(Duration::from_millis(25), Duration::from_secs(1))
                 .unwrap_or_else(|_| unreachable_backoff()),
+            metrics,
         }
     }
 
@@ -253,8 +256,10 @@ pub(crate) async fn handle(
     request: Request<Incoming>,
     remote: SocketAddr,
 ) -> Result<Response<Body>, Infallible> {
+    let started = std::time::Instant::now();
     let request_id = state.request_id(request.headers().get(REQUEST_ID));
-    let mut response = match forward(&state, request, remote, &request_id).await {
+    let mut matched = None;
+    let mut response = match forward(&state, request, remote, &request_id, &mut matched).await {
         Ok(response) => response,
         Err(refusal) => {
             tracing::debug!(?refusal, "request refused");
@@ -262,6 +267,15 @@ pub(crate) async fn handle(
         }
     };
     response.headers_mut().insert(REQUEST_ID, request_id);
+    if let Some(metrics) = &state.metrics {
+        let (route, service) = matched.unwrap_or_else(|| ("none".to_owned(), "none".to_owned()));
+        metrics.observe(
+            &route,
+            &service,
+            response.status().as_u16(),
+            started.elapsed().as_secs_f64(),
+        );
+    }
     Ok(response)
 }
 
@@ -270,6 +284,7 @@ async fn forward(
     request: Request<Incoming>,
     remote: SocketAddr,
     request_id: &HeaderValue,
+    matched: &mut Option<(String, String)>,
 ) -> Result<Response<Body>, Refusal> {
     let (mut parts, body) = request.into_parts();
     let path = parts.uri.path();
@@ -284,6 +299,7 @@ async fn forward(
     let route = table
         .find(&parts.method, host.as_deref(), path, &parts.headers)
         .ok_or_else(|| Refusal::NoRoute(path.to_owned()))?;
+    *matched = Some((route.config.path.clone(), route.config.service.clone()));
     let max_body = state.limits.max_body_bytes;
     let content_length = parts
         .headers

@@ -48,6 +48,7 @@ pub enum GatewayError {
 pub struct ApiGateway {
     config: GatewayConfig,
     registry: ServiceRegistry,
+    metrics: Option<crate::metrics::GatewayMetrics>,
 }
 
 impl ApiGateway {
@@ -56,7 +57,15 @@ impl ApiGateway {
         Ok(ApiGateway {
             config: config.validate()?,
             registry,
+            metrics: None,
         })
+    }
+
+    /// Records request metrics in `metrics` (see [`GatewayMetrics::new`](crate::GatewayMetrics::new)).
+    #[must_use]
+    pub fn with_metrics(mut self, metrics: crate::metrics::GatewayMetrics) -> Self {
+        self.metrics = Some(metrics);
+        self
     }
 
     /// Binds the configured address and serves in the background.
@@ -77,7 +86,12 @@ impl ApiGateway {
             })?),
             None => None,
         };
-        let state = Arc::new(State::new(&self.config, self.registry, verifier));
+        let state = Arc::new(State::new(
+            &self.config,
+            self.registry,
+            verifier,
+            self.metrics,
+        ));
         let (stop, stopped) = oneshot::channel();
         let task = tokio::spawn(accept_loop(listener, state.clone(), stopped));
         tracing::info!(addr = %local, routes = self.config.routes.len(), "gateway listening");
@@ -106,6 +120,13 @@ impl std::fmt::Debug for State {
 }
 
 impl RunningGateway {
+    /// A read-only view for admin endpoints.
+    pub fn inspector(&self) -> crate::metrics::GatewayInspector {
+        crate::metrics::GatewayInspector {
+            state: self.state.clone(),
+        }
+    }
+
     /// Where it listens (the real port when 0 was asked for).
     pub fn local_addr(&self) -> SocketAddr {
         self.addr
