@@ -39,6 +39,51 @@ enum Command {
         #[command(subcommand)]
         command: EventsCommand,
     },
+    /// Service-mesh resources.
+    Mesh {
+        #[command(subcommand)]
+        command: MeshCommand,
+    },
+    /// Deploy a service (today: Kubernetes manifests with --dry-run).
+    Deploy(DeployArgs),
+}
+
+#[derive(Debug, Subcommand)]
+enum MeshCommand {
+    /// Print one policy as the provider's resources (YAML).
+    Render {
+        /// istio, linkerd or consul.
+        #[arg(long)]
+        provider: String,
+        /// Service name.
+        #[arg(long)]
+        service: String,
+        /// Policy file (TOML: [retry_policy], [circuit_breaker], [connection_pool]);
+        /// defaults to the seed's policy.
+        #[arg(long, value_name = "FILE")]
+        policy: Option<PathBuf>,
+    },
+}
+
+#[derive(Debug, Args)]
+struct DeployArgs {
+    /// Service name.
+    name: String,
+    /// local, kubernetes, docker or ecs.
+    #[arg(long)]
+    platform: String,
+    /// Deploy spec (TOML mirroring the seed's deploy options).
+    #[arg(long, value_name = "FILE")]
+    spec: PathBuf,
+    /// Print what would be applied instead of applying it.
+    #[arg(long)]
+    dry_run: bool,
+    /// Image registry prefix (the seed's `registry`).
+    #[arg(long)]
+    registry: Option<String>,
+    /// Namespace when the spec names none.
+    #[arg(long)]
+    namespace: Option<String>,
 }
 
 /// Which event bus and store.
@@ -235,6 +280,15 @@ async fn run(cli: Cli) -> Result<(), String> {
         }
         Command::Config { command } => config(command).await,
         Command::Events { command } => events(command).await,
+        Command::Mesh {
+            command:
+                MeshCommand::Render {
+                    provider,
+                    service,
+                    policy,
+                },
+        } => mesh_render(&provider, &service, policy.as_deref()),
+        Command::Deploy(args) => deploy(args),
     }
 }
 
@@ -309,6 +363,58 @@ async fn shutdown_signal() {
     #[cfg(not(unix))]
     {
         let _ = tokio::signal::ctrl_c().await;
+    }
+}
+
+fn mesh_render(
+    provider: &str,
+    service: &str,
+    policy: Option<&std::path::Path>,
+) -> Result<(), String> {
+    let provider: trellis_mesh::MeshProvider =
+        provider.parse().map_err(|e| format!("--provider: {e}"))?;
+    let policy = match policy {
+        Some(path) => {
+            let text = std::fs::read_to_string(path)
+                .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+            trellis_mesh::MeshPolicy::from_toml(&text)
+                .map_err(|e| format!("{}: {e}", path.display()))?
+        }
+        None => trellis_mesh::MeshPolicy::default(),
+    };
+    let yaml = trellis_mesh::render(provider, service, &policy).map_err(|e| e.to_string())?;
+    print!("{yaml}");
+    Ok(())
+}
+
+fn deploy(args: DeployArgs) -> Result<(), String> {
+    let platform: trellis_deploy::Platform = args
+        .platform
+        .parse()
+        .map_err(|e| format!("--platform: {e}"))?;
+    let text = std::fs::read_to_string(&args.spec)
+        .map_err(|e| format!("cannot read {}: {e}", args.spec.display()))?;
+    let spec = trellis_deploy::DeploySpec::from_toml(&text)
+        .map_err(|e| format!("{}: {e}", args.spec.display()))?;
+    spec.validate(&args.name, platform)
+        .map_err(|e| e.to_string())?;
+    match (platform, args.dry_run) {
+        (trellis_deploy::Platform::Kubernetes, true) => {
+            let mut options = trellis_deploy::KubernetesOptions::new();
+            if let Some(registry) = args.registry {
+                options = options.registry(registry);
+            }
+            if let Some(namespace) = args.namespace {
+                options = options.namespace(namespace);
+            }
+            let yaml = trellis_deploy::render_kubernetes(&args.name, &spec, &options)
+                .map_err(|e| e.to_string())?;
+            print!("{yaml}");
+            Ok(())
+        }
+        (platform, _) => Err(format!(
+            "deploying to {platform} is not built yet; `--platform kubernetes --dry-run` prints the manifests"
+        )),
     }
 }
 

@@ -585,3 +585,76 @@ fn events_publish_and_consume_on_the_embedded_log() {
     assert_eq!(code, 1);
     assert!(err.contains("neither `embedded` nor a kafka"), "{err}");
 }
+
+#[test]
+fn mesh_render_and_deploy_dry_run() {
+    let dir = tempfile::tempdir().unwrap();
+    for (provider, kind) in [
+        ("istio", "kind: DestinationRule"),
+        ("linkerd", "kind: HTTPRoute"),
+        ("consul", "kind: ServiceResolver"),
+    ] {
+        let (code, out, err) = trellis(&[
+            "mesh",
+            "render",
+            "--provider",
+            provider,
+            "--service",
+            "user-service",
+        ]);
+        assert_eq!(code, 0, "{err}");
+        assert!(out.contains(kind), "{provider}: {out}");
+    }
+    let (code, _, err) = trellis(&["mesh", "render", "--provider", "envoy", "--service", "x"]);
+    assert_eq!(code, 1);
+    assert!(err.contains("--provider") && err.contains("envoy"), "{err}");
+
+    let spec = dir.path().join("spec.toml");
+    std::fs::write(&spec, "image = \"user-service:1.2.0\"\nreplicas = 3\n[resources]\ncpu = \"500m\"\nmemory = \"1Gi\"\n[health_check]\npath = \"/health\"\nport = 3000\n").unwrap();
+    let spec = spec.to_str().unwrap();
+    let (code, out, err) = trellis(&[
+        "deploy",
+        "user-service",
+        "--platform",
+        "kubernetes",
+        "--spec",
+        spec,
+        "--dry-run",
+        "--namespace",
+        "production",
+    ]);
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        out.contains("kind: Deployment")
+            && out.contains("kind: Service")
+            && out.contains("namespace: production"),
+        "{out}"
+    );
+
+    let bad = dir.path().join("bad.toml");
+    std::fs::write(&bad, "replicas = -1\n[resources]\nmemory = \"1Gx\"\n[health_check]\npath = \"/h\"\nport = 70000\n").unwrap();
+    let (code, out, err) = trellis(&[
+        "deploy",
+        "user-service",
+        "--platform",
+        "kubernetes",
+        "--spec",
+        bad.to_str().unwrap(),
+        "--dry-run",
+    ]);
+    assert_eq!(code, 1);
+    assert!(out.is_empty(), "nothing rendered: {out}");
+    for field in ["replicas", "resources.memory", "health_check.port", "image"] {
+        assert!(err.contains(field), "{field}: {err}");
+    }
+    let (code, _, err) = trellis(&[
+        "deploy",
+        "user-service",
+        "--platform",
+        "docker",
+        "--spec",
+        spec,
+    ]);
+    assert_eq!(code, 1);
+    assert!(err.contains("not built yet"), "{err}");
+}
