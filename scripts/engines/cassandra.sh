@@ -10,8 +10,17 @@
 # cassandra/cassandra), so tests can prove that wrong credentials and missing permissions
 # are reported clearly: connect with cassandra://cassandra:cassandra@127.0.0.1:9042/KEYSPACE.
 #
+# TLS is optional on the same port (client_encryption_options enabled + optional): plain
+# and TLS clients both connect to 127.0.0.1:9042. The TLS material is generated once with
+# openssl and the JDK's keytool under $TRELLIS_SERVICES_HOME/cassandra/tls: a test CA
+# (ca.pem — what clients trust: cassandra://…?tls_ca=$TRELLIS_SERVICES_HOME/cassandra/tls/ca.pem),
+# the node's key and certificate signed by it (subject alternative names IP:127.0.0.1 and
+# DNS:localhost, valid ten years), and PKCS12 keystore/truststore for the node. Delete that
+# folder to have it generated again on the next `up`.
+#
 # Ready when the CQL port answers a real login and `SELECT now() FROM system.local`
-# (CqlPing.java below, compiled once), not merely when the port is open.
+# (CqlPing.java below, compiled once), not merely when the port is open, and a TLS handshake
+# on the same port verifies against ca.pem.
 #
 # Knobs: CASSANDRA_VERSION (default 5.0.8), CASSANDRA_HEAP (default 1G).
 
@@ -73,11 +82,63 @@ POM
     }
     touch "$home/lib/.installed-$version"
   fi
+  _cass_tls "$home" || return 1
   _cass_write_config "$home"
   if [ ! -f "$home/tools/CqlPing.class" ] || [ "$home/tools/CqlPing.java" -nt "$home/tools/CqlPing.class" ]; then
     _cass_write_ping "$home/tools/CqlPing.java"
     javac -d "$home/tools" "$home/tools/CqlPing.java"
   fi
+}
+
+# Password of the node's keystore and truststore: test material, nothing to protect.
+_CASS_STORE_PASS=trellis-test
+
+# Generates the TLS material once (see the header). Built in tls.tmp, then renamed, so an
+# interrupted run never leaves half of it behind.
+_cass_tls() {
+  local home="$1" dir="$1/tls" pass="$_CASS_STORE_PASS"
+  if [ -f "$dir/ca.pem" ] && [ -f "$dir/keystore.p12" ] && [ -f "$dir/truststore.p12" ]; then
+    return 0
+  fi
+  if ! command -v openssl >/dev/null; then
+    echo "cassandra: openssl is needed to generate the TLS material: apt-get install -y openssl" >&2
+    return 1
+  fi
+  echo "cassandra: generating a test CA and the node's TLS certificate in $dir"
+  rm -rf "$dir.tmp"
+  mkdir -p "$dir.tmp"
+  (
+    set -e
+    cd "$dir.tmp"
+    openssl req -x509 -newkey rsa:2048 -nodes -days 3650 -sha256 \
+      -keyout ca.key -out ca.pem -subj "/CN=Trellis test CA" \
+      -addext "basicConstraints=critical,CA:TRUE" \
+      -addext "keyUsage=critical,keyCertSign,cRLSign"
+    openssl req -newkey rsa:2048 -nodes -keyout node.key -out node.csr -subj "/CN=127.0.0.1"
+    printf '%s\n' \
+      "subjectAltName=IP:127.0.0.1,DNS:localhost" \
+      "basicConstraints=critical,CA:FALSE" \
+      "keyUsage=critical,digitalSignature,keyEncipherment" \
+      "extendedKeyUsage=serverAuth" >node.ext
+    openssl x509 -req -in node.csr -CA ca.pem -CAkey ca.key -CAcreateserial -days 3650 \
+      -sha256 -extfile node.ext -out node.pem
+    openssl verify -CAfile ca.pem node.pem
+    openssl pkcs12 -export -name node -inkey node.key -in node.pem -certfile ca.pem \
+      -passout "pass:$pass" -out node.p12
+    # keytool reads what openssl wrote, so a keystore the JDK cannot load fails here.
+    keytool -importkeystore -noprompt -srckeystore node.p12 -srcstoretype PKCS12 \
+      -srcstorepass "$pass" -destkeystore keystore.p12 -deststoretype PKCS12 \
+      -deststorepass "$pass"
+    keytool -importcert -noprompt -alias trellis-test-ca -file ca.pem \
+      -keystore truststore.p12 -storetype PKCS12 -storepass "$pass"
+    rm -f node.csr node.ext node.p12 ca.srl
+  ) >"$home/logs/tls.log" 2>&1 || {
+    echo "cassandra: generating the TLS material failed; see $home/logs/tls.log" >&2
+    tail -n 20 "$home/logs/tls.log" >&2
+    return 1
+  }
+  rm -rf "$dir"
+  mv "$dir.tmp" "$dir"
 }
 
 _cass_write_config() {
@@ -117,6 +178,16 @@ write_request_timeout: 5000ms
 read_request_timeout: 5000ms
 range_request_timeout: 10000ms
 request_timeout: 10000ms
+client_encryption_options:
+  enabled: true
+  optional: true
+  keystore: $home/tls/keystore.p12
+  keystore_password: $_CASS_STORE_PASS
+  truststore: $home/tls/truststore.p12
+  truststore_password: $_CASS_STORE_PASS
+  store_type: PKCS12
+  require_client_auth: false
+  accepted_protocols: [TLSv1.2, TLSv1.3]
 YAML
   cat >"$home/conf/logback.xml" <<XML
 <configuration scan="false">
@@ -191,7 +262,10 @@ engine_ready() {
   home="$(_cass_home)"
   [ -f "$home/tools/CqlPing.class" ] || return 1
   grep -q "Starting listening for CQL clients" "$home/logs/system.log" 2>/dev/null || return 1
-  java -cp "$home/tools" CqlPing 127.0.0.1 9042 cassandra cassandra >/dev/null 2>&1
+  java -cp "$home/tools" CqlPing 127.0.0.1 9042 cassandra cassandra >/dev/null 2>&1 || return 1
+  # The same port must also complete a TLS handshake that verifies against the test CA.
+  timeout 10 openssl s_client -connect 127.0.0.1:9042 -CAfile "$home/tls/ca.pem" \
+    -verify_return_error -verify_ip 127.0.0.1 </dev/null >/dev/null 2>&1
 }
 
 # A CQL v4 client small enough to read: STARTUP, password login if asked, then

@@ -33,3 +33,37 @@ pub use config::{
 pub use metrics::{GatewayInspector, GatewayMetrics};
 pub use proxy::{Body, BoxError};
 pub use server::{ApiGateway, GatewayError, RunningGateway};
+
+/// Entry points for the fuzz targets in `fuzz/`; not a stable API.
+#[doc(hidden)]
+pub mod fuzzing {
+    use std::sync::OnceLock;
+
+    use crate::config::{LoadBalancer, RouteConfig};
+    use crate::route::{RouteTable, check_path};
+
+    fn table() -> &'static RouteTable {
+        static TABLE: OnceLock<RouteTable> = OnceLock::new();
+        TABLE.get_or_init(|| {
+            let routes = [
+                RouteConfig::new("/api/users/*", "users").strip_prefix("/api/users"),
+                RouteConfig::new("/api/orders/*", "orders").strip_prefix("/api/orders/"),
+                RouteConfig::new("/api/*", "api")
+                    .strip_prefix("/api")
+                    .methods(&["GET", "POST"]),
+                RouteConfig::new("/exact", "exact").strip_prefix("/exact"),
+                RouteConfig::new("/*", "fallback"),
+            ];
+            RouteTable::new(&routes, LoadBalancer::RoundRobin)
+        })
+    }
+
+    /// Checks `path`, routes it, and returns the path that would be forwarded upstream
+    /// (`None` when refused or unrouted).
+    pub fn route_and_strip(method: &str, path: &str) -> Option<String> {
+        check_path(path).ok()?;
+        let method = http::Method::from_bytes(method.as_bytes()).ok()?;
+        let route = table().find(&method, None, path, &http::HeaderMap::new())?;
+        Some(route.upstream_path(path).into_owned())
+    }
+}

@@ -54,7 +54,6 @@ impl RouteTable {
     }
 
     /// Compiles validated route configs with the gateway's defaults.
-    #[cfg(test)]
     pub(crate) fn new(configs: &[RouteConfig], default_lb: crate::config::LoadBalancer) -> Self {
         let gateway = GatewayConfig {
             load_balancer: default_lb,

@@ -39,12 +39,14 @@
 //! - **Ping** runs `SELECT now() FROM system.local`.
 //!
 //! Consistency is set per class of operation: reads, writes (and the commit of LWTs), and the
-//! serial consistency of LWTs; see [`CassandraStore::open`] for every URL option.
+//! serial consistency of LWTs; see [`CassandraStore::open`] for every URL option, TLS
+//! (`tls=true`, `tls_ca=/path/ca.pem`, `tls_verify_hostname=false`) included.
 //!
 //! Users who need CQL beyond the store contract use [`CassandraStore::execute`] (prepared and
 //! cached) or the driver's [`Session`] itself ([`CassandraStore::session`]); both bypass the
 //! store's middleware chain, which sees [`StoreRequest`]s only.
 
+mod tls;
 mod url;
 
 use std::collections::{BTreeMap, HashMap};
@@ -59,8 +61,8 @@ use scylla::client::execution_profile::{ExecutionProfile, ExecutionProfileHandle
 use scylla::client::session::Session;
 use scylla::client::session_builder::SessionBuilder;
 use scylla::errors::{
-    DbError, ExecutionError, NewSessionError, PagerExecutionError, PrepareError,
-    RequestAttemptError, WriteType,
+    ConnectionError, ConnectionPoolError, DbError, ExecutionError, MetadataError, NewSessionError,
+    PagerExecutionError, PrepareError, RequestAttemptError, WriteType,
 };
 use scylla::policies::load_balancing::{DefaultPolicy, LoadBalancingPolicy};
 use scylla::policies::retry::{
@@ -165,28 +167,41 @@ impl CassandraStore {
     /// | `connect_timeout` | timeout of opening one connection | `5s` |
     /// | `retry` | the driver's retry policy: `default`, `never` (fallthrough) or `downgrading` (downgrading consistency) | `default` |
     /// | `speculative` | speculative execution of reads: `COUNT:DELAY` (e.g. `2:50ms`) or `none` | `none` |
-    /// | `tls`, `tls_ca` | TLS: not built in yet; the option is rejected with a clear error | off |
+    /// | `tls` | connect with TLS (`true`/`false`) | `false` |
+    /// | `tls_ca` | PEM file of the certificate authorities that sign the nodes' certificates; implies `tls=true` | the system's CAs |
+    /// | `tls_verify_hostname` | check that a node's certificate names the address connected to; implies `tls=true` | `true` |
+    ///
+    /// **TLS** runs on rustls with the aws-lc-rs crypto provider (set on this connection, not
+    /// taken from the process default). The driver connects to the addresses the cluster
+    /// reports for its nodes and checks each certificate against the node's **IP address**, so
+    /// node certificates need an IP subject alternative name (`IP:10.0.0.1`); when they only
+    /// carry host names, `tls_verify_hostname=false` still requires the certificate to chain to
+    /// a trusted CA, to be valid now and to be held by the node (the handshake is signed with
+    /// its key), and accepts any name in it. Client certificates (mutual TLS) are not
+    /// supported. A node with `client_encryption_options: {enabled: true, optional: true}`
+    /// serves TLS and plain connections on the same port.
     ///
     /// Errors name the hosts and what failed: [`StoreError::InvalidUrl`] for a malformed URL,
-    /// wrong credentials, or a missing keyspace that may not be created;
-    /// [`StoreError::Unavailable`] when no host answers.
+    /// wrong credentials, a missing keyspace that may not be created, a CA file that cannot be
+    /// read or holds no valid PEM certificate (naming the file), or a node certificate that
+    /// fails verification (naming the host and the reason: unknown issuer, wrong name,
+    /// expired); [`StoreError::Unavailable`] when no host answers or a TLS handshake breaks off
+    /// (a node that does not speak TLS, for example).
     pub async fn open(url: &str) -> Result<CassandraStore> {
         let parsed = url::parse(url)?;
         let redacted = url::redact(url);
-        if parsed.tls {
-            return Err(StoreError::InvalidUrl {
-                url: redacted,
-                reason: "tls: this build has no TLS support for Cassandra yet; connect over a \
-                         trusted network or a TLS-terminating proxy"
-                    .into(),
-            });
-        }
+        let tls = if parsed.tls {
+            Some(tls::client_config(&parsed, &redacted)?)
+        } else {
+            None
+        };
         let hosts = parsed.hosts_label();
         let profiles = Profiles::new(&parsed);
         let mut builder = SessionBuilder::new()
             .known_nodes(&parsed.hosts)
             .connection_timeout(parsed.connect_timeout)
-            .default_execution_profile_handle(profiles.write.clone());
+            .default_execution_profile_handle(profiles.write.clone())
+            .tls_context(tls);
         if let Some((user, password)) = &parsed.credentials {
             builder = builder.user(user, password);
         }
@@ -452,6 +467,9 @@ fn startup_failure(hosts: &str, doing: &str, e: ExecutionError) -> StoreError {
 
 fn session_error(redacted: &str, url: &CassandraUrl, e: NewSessionError) -> StoreError {
     let hosts = url.hosts_label();
+    if let Some(tls) = tls_failure(&e) {
+        return tls_error(redacted, url, tls, &e);
+    }
     let text = e.to_string();
     if text.contains("AuthenticationError")
         || text.contains("bad credentials")
@@ -479,6 +497,69 @@ fn session_error(redacted: &str, url: &CassandraUrl, e: NewSessionError) -> Stor
         backend: BACKEND,
         reason: format!("cannot connect to cassandra at {hosts}: {text}"),
         source: Some(Box::new(e)),
+    }
+}
+
+/// The rustls error that broke the connections, when a TLS handshake is why no host answered.
+fn tls_failure(e: &NewSessionError) -> Option<&rustls::Error> {
+    let NewSessionError::MetadataError(MetadataError::ConnectionPoolError(
+        ConnectionPoolError::Broken {
+            last_connection_error: ConnectionError::IoError(io),
+            ..
+        },
+    )) = e
+    else {
+        return None;
+    };
+    io.get_ref()?.downcast_ref::<rustls::Error>()
+}
+
+/// A failed TLS handshake: a certificate the client refuses is a configuration error (not
+/// retryable), anything else (a node that does not speak TLS, an alert) may pass.
+fn tls_error(
+    redacted: &str,
+    url: &CassandraUrl,
+    tls: &rustls::Error,
+    e: &NewSessionError,
+) -> StoreError {
+    use rustls::CertificateError as Cert;
+    let hosts = url.hosts_label();
+    let trusted = url.tls_ca.as_ref().map_or_else(
+        || "the system's CA certificates (no tls_ca given)".to_owned(),
+        |path| format!("tls_ca ({path:?})"),
+    );
+    let rustls::Error::InvalidCertificate(cert) = tls else {
+        return StoreError::Unavailable {
+            backend: BACKEND,
+            reason: format!(
+                "TLS handshake with cassandra at {hosts} failed: {tls} (does the node accept \
+                 TLS on this port? client_encryption_options must be enabled)"
+            ),
+            source: Some(Box::new(e.clone())),
+        };
+    };
+    let why = match cert {
+        Cert::UnknownIssuer | Cert::BadSignature => {
+            format!("is not signed by a CA in {trusted}")
+        }
+        Cert::NotValidForName | Cert::NotValidForNameContext { .. } => {
+            "does not name the address connected to (the driver checks the node's IP address); \
+             give the node a certificate with an IP subject alternative name, or set \
+             tls_verify_hostname=false"
+                .to_owned()
+        }
+        Cert::Expired
+        | Cert::ExpiredContext { .. }
+        | Cert::NotValidYet
+        | Cert::NotValidYetContext { .. } => "is expired or not yet valid".to_owned(),
+        _ => "was refused".to_owned(),
+    };
+    StoreError::InvalidUrl {
+        url: redacted.to_owned(),
+        reason: format!(
+            "TLS handshake with cassandra at {hosts} failed: the node's certificate {why} \
+             ({tls})"
+        ),
     }
 }
 

@@ -387,7 +387,10 @@ async fn bad_urls_are_rejected_before_connecting() {
             "cassandra://127.0.0.1:9042/ks?consistency=most",
             "consistency",
         ),
-        ("cassandra://127.0.0.1:9042/ks?tls=true", "TLS"),
+        (
+            "cassandra://127.0.0.1:9042/ks?tls=false&tls_ca=/ca.pem",
+            "TLS",
+        ),
         ("cassandra://u:secret@127.0.0.1:nope/ks", "port"),
     ] {
         let err = Store::open(url).await.unwrap_err();

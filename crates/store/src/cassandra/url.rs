@@ -83,8 +83,11 @@ pub(crate) struct CassandraUrl {
     pub(crate) speculative: Option<(usize, Duration)>,
     /// Connect with TLS.
     pub(crate) tls: bool,
-    /// PEM file of the certificate authority that signed the nodes' certificates.
+    /// PEM file of the certificate authorities that signed the nodes' certificates; the
+    /// system's trusted authorities when absent.
     pub(crate) tls_ca: Option<String>,
+    /// Check that a node's certificate names the address connected to. Defaults to true.
+    pub(crate) tls_verify_hostname: bool,
 }
 
 impl fmt::Debug for CassandraUrl {
@@ -106,6 +109,7 @@ impl fmt::Debug for CassandraUrl {
             .field("speculative", &self.speculative)
             .field("tls", &self.tls)
             .field("tls_ca", &self.tls_ca)
+            .field("tls_verify_hostname", &self.tls_verify_hostname)
             .finish()
     }
 }
@@ -113,7 +117,7 @@ impl fmt::Debug for CassandraUrl {
 /// The query parameters [`parse`] knows, for error messages.
 const KNOWN: &str = "replication, create_keyspace, consistency, read_consistency, \
      write_consistency, serial_consistency, local_dc, request_timeout, connect_timeout, retry, \
-     speculative, tls, tls_ca";
+     speculative, tls, tls_ca, tls_verify_hostname";
 
 impl CassandraUrl {
     /// Hosts joined by commas, for messages and [`Store::location`](crate::Store::location).
@@ -170,7 +174,12 @@ pub(crate) fn parse(url: &str) -> Result<CassandraUrl> {
         speculative: None,
         tls: false,
         tls_ca: None,
+        tls_verify_hostname: true,
     };
+    // `tls=false` given explicitly, to reject `tls=false&tls_ca=…`.
+    let mut tls_refused = false;
+    // A TLS-only option was given (`tls_ca`, `tls_verify_hostname`): it turns TLS on.
+    let mut tls_option = None;
     for pair in query.unwrap_or("").split('&').filter(|p| !p.is_empty()) {
         let (key, value) = pair
             .split_once('=')
@@ -230,10 +239,20 @@ pub(crate) fn parse(url: &str) -> Result<CassandraUrl> {
                     Some(parse_speculative(value).map_err(field)?)
                 }
             }
-            "tls" => parsed.tls = parse_bool(value).map_err(field)?,
+            "tls" => {
+                parsed.tls = parse_bool(value).map_err(field)?;
+                tls_refused = !parsed.tls;
+            }
             "tls_ca" => {
+                if value.is_empty() {
+                    return Err(field("the path of the CA file is empty".into()));
+                }
                 parsed.tls_ca = Some(value.to_owned());
-                parsed.tls = true;
+                tls_option = Some("tls_ca");
+            }
+            "tls_verify_hostname" => {
+                parsed.tls_verify_hostname = parse_bool(value).map_err(field)?;
+                tls_option = Some("tls_verify_hostname");
             }
             other => {
                 return Err(bad(format!("unknown parameter {other:?}; known: {KNOWN}")));
@@ -242,6 +261,14 @@ pub(crate) fn parse(url: &str) -> Result<CassandraUrl> {
     }
     if parsed.request_timeout.is_zero() || parsed.connect_timeout.is_zero() {
         return Err(bad("timeouts must be greater than zero".into()));
+    }
+    if let Some(option) = tls_option {
+        if tls_refused {
+            return Err(bad(format!(
+                "{option} is a TLS option but tls=false; drop one of them"
+            )));
+        }
+        parsed.tls = true;
     }
     Ok(parsed)
 }
@@ -509,6 +536,41 @@ mod tests {
             ),
             ("cassandra://h/ks?tls", "has no value"),
             ("cassandra://user@h/ks", "USER:PASSWORD"),
+        ] {
+            let err = parse(url).expect_err(url).to_string();
+            assert!(err.contains(needle), "{url}: {err}");
+        }
+    }
+
+    #[test]
+    fn tls_options() {
+        let url = parse("cassandra://h/ks?tls=true").expect("valid");
+        assert!(url.tls && url.tls_ca.is_none() && url.tls_verify_hostname);
+        let url = parse("cassandra://h/ks?tls_ca=/etc/trellis/ca%20file.pem").expect("valid");
+        assert!(url.tls, "tls_ca turns TLS on");
+        assert_eq!(url.tls_ca.as_deref(), Some("/etc/trellis/ca file.pem"));
+        let url = parse("cassandra://h/ks?tls=1&tls_ca=/ca.pem&tls_verify_hostname=false")
+            .expect("valid");
+        assert!(url.tls && !url.tls_verify_hostname);
+        let url = parse("cassandra://h/ks?tls_verify_hostname=no").expect("valid");
+        assert!(url.tls && !url.tls_verify_hostname);
+        let url = parse("cassandra://h/ks?tls=false").expect("valid");
+        assert!(!url.tls);
+        for (url, needle) in [
+            ("cassandra://h/ks?tls=maybe", "tls: \"maybe\""),
+            ("cassandra://h/ks?tls_ca=", "CA file is empty"),
+            (
+                "cassandra://h/ks?tls_verify_hostname=off",
+                "tls_verify_hostname",
+            ),
+            (
+                "cassandra://h/ks?tls=false&tls_ca=/ca.pem",
+                "tls_ca is a TLS option but tls=false",
+            ),
+            (
+                "cassandra://h/ks?tls_verify_hostname=true&tls=false",
+                "tls_verify_hostname is a TLS option but tls=false",
+            ),
         ] {
             let err = parse(url).expect_err(url).to_string();
             assert!(err.contains(needle), "{url}: {err}");
