@@ -21,7 +21,7 @@ use trellis_registry::{InstanceStatus, ServiceRegistry};
 use trellis_resilience::balance::{Endpoint, Outcome, PickContext, Picked};
 use trellis_resilience::breaker::BreakerOpen;
 use trellis_resilience::http::{
-    insert_rate_limit_headers, is_retryable_request, outcome_of, rate_limited_headers,
+    insert_rate_limit_headers, is_idempotent, outcome_of, rate_limited_headers,
 };
 use trellis_resilience::ratelimit::RateLimited;
 use trellis_resilience::retry::{Backoff, RetryBudget};
@@ -38,6 +38,8 @@ const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
 const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
+/// A client's mark that a non-idempotent request may be sent twice.
+const RETRYABLE: HeaderName = HeaderName::from_static("x-trellis-retryable");
 
 /// Headers that describe one connection, never forwarded (RFC 9110 §7.6.1).
 const HOP_BY_HOP: [HeaderName; 8] = [
@@ -381,7 +383,12 @@ async fn forward(
     let bodiless =
         content_length.unwrap_or(0) == 0 && !parts.headers.contains_key(header::TRANSFER_ENCODING);
     // Only idempotent (or marked) requests without a body may be sent twice.
-    let attempts = if bodiless && is_retryable_request(&Request::from_parts(parts.clone(), ())) {
+    let retryable = is_idempotent(&parts.method)
+        || parts
+            .headers
+            .get(RETRYABLE)
+            .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"true") || v.as_bytes() == b"1");
+    let attempts = if bodiless && retryable && route.config.retries > 0 {
         1 + route.config.retries
     } else {
         1
@@ -399,7 +406,12 @@ async fn forward(
         let Some(picked) = pick(state, route, &parts.headers) else {
             break Err(Refusal::NoInstance(service.clone()));
         };
-        let mut upstream_parts = parts.clone();
+        // The last attempt takes the request head; earlier ones copy it.
+        let mut upstream_parts = if attempt < attempts {
+            parts.clone()
+        } else {
+            std::mem::replace(&mut parts, Request::new(()).into_parts().0)
+        };
         upstream_parts.uri = match Uri::builder()
             .scheme("http")
             .authority(picked.value().as_str())
