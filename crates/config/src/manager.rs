@@ -372,6 +372,9 @@ impl ConfigurationManager {
             let version_write =
                 table.mutation_insert_if_absent(&partition, &version_key, version_bytes, None)?;
             let batch = Batch::new().push(head_write).push(version_write);
+            // Before the write lands: a watch created earlier that reads the head between
+            // the commit and `note_write` must still start before this version.
+            inner.note_intent(&partition, next);
             match table.store().batch(batch).await? {
                 BatchOutcome::Applied { .. } => {
                     inner.note_write(&partition, next);
@@ -489,6 +492,15 @@ impl Inner {
         let mut known = lock(&self.known);
         let entry = known.entry(partition.to_owned()).or_default();
         entry.head = entry.head.max(version);
+        entry.first_local.get_or_insert(version);
+    }
+
+    /// Records that this manager is about to write `version`, so watches resolving their
+    /// start meanwhile do not skip it (an attempt that loses a race only makes such a watch
+    /// start a little earlier).
+    fn note_intent(&self, partition: &str, version: u64) {
+        let mut known = lock(&self.known);
+        let entry = known.entry(partition.to_owned()).or_default();
         entry.first_local.get_or_insert(version);
     }
 

@@ -6,8 +6,8 @@ use crate::bus::EventBus;
 use crate::error::{EventError, Result};
 
 impl EventBus {
-    /// The bus named by `url`: `embedded` (the durable log inside `store`); `kafka://…`
-    /// is recognised and refused until the Kafka transport lands.
+    /// The bus named by `url`: `embedded` (the durable log inside `store`) or
+    /// `kafka://host:port,…` (with the `kafka` feature; `store` is then unused).
     pub async fn from_url(url: &str, store: &Store) -> Result<EventBus> {
         if url == "embedded" {
             return EventBus::embedded(store);
@@ -22,9 +22,15 @@ impl EventBus {
     }
 }
 
+#[cfg(feature = "kafka")]
+async fn kafka(url: &str) -> Result<EventBus> {
+    crate::kafka::bus_from_url(url).await
+}
+
+#[cfg(not(feature = "kafka"))]
 async fn kafka(_url: &str) -> Result<EventBus> {
     Err(EventError::InvalidOption {
         option: "bus",
-        reason: "the Kafka transport is not built yet; use --bus embedded".into(),
+        reason: "this program was built without the kafka feature of trellis-events".into(),
     })
 }

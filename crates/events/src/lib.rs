@@ -19,9 +19,9 @@
 //!
 //! Transports sit behind one contract ([`Transport`], tested by [`contract`]). This crate
 //! has the **embedded** one: a durable partitioned log inside the Trellis store (the SQLite
-//! file by default), shared by every process on the machine. The Kafka transport is not part
-//! of this crate yet. It is not a stream processor: no joins, windows or exactly-once
-//! transactions across topics.
+//! file by default), shared by every process on the machine, and, behind the `kafka` feature,
+//! the Kafka transport (`EventBus::kafka`, `KafkaTransport`) on rdkafka. It is not a stream
+//! processor: no joins, windows or exactly-once transactions across topics.
 //!
 //! ```
 //! # #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
@@ -63,6 +63,8 @@ mod embedded;
 mod envelope;
 mod error;
 mod idempotent;
+#[cfg(feature = "kafka")]
+mod kafka;
 mod outbox;
 pub mod partitioner;
 pub mod transport;
@@ -78,5 +80,7 @@ pub use envelope::{
 };
 pub use error::{BoxError, EventError, Result, validate_name};
 pub use idempotent::{Dedup, Idempotency};
+#[cfg(feature = "kafka")]
+pub use kafka::{KafkaOptions, KafkaTransport, MIN_SESSION_TIMEOUT};
 pub use outbox::{Outbox, Relay, RelayOptions};
 pub use transport::{StartFrom, Transport};
