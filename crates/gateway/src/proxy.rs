@@ -433,13 +433,14 @@ async fn forward(
                 .request(Request::from_parts(upstream_parts, attempt_body)),
         )
         .await;
-        let may_retry = attempt < attempts && state.budget.withdraw();
+        // Asked only when a retry is wanted, so answered requests spend no budget.
+        let may_retry = || attempt < attempts && state.budget.withdraw();
         match sent {
             Ok(Ok(response)) => {
                 let status = response.status();
                 let outcome = outcome_of(status);
                 picked.report(outcome);
-                if may_retry && matches!(status.as_u16(), 502..=504) {
+                if matches!(status.as_u16(), 502..=504) && may_retry() {
                     tokio::time::sleep(state.backoff.delay(attempt - 1)).await;
                     continue;
                 }
@@ -458,7 +459,7 @@ async fn forward(
                 }
                 let address = picked.value().clone();
                 picked.report(Outcome::Failure);
-                if may_retry {
+                if may_retry() {
                     tokio::time::sleep(state.backoff.delay(attempt - 1)).await;
                     continue;
                 }
@@ -469,7 +470,7 @@ async fn forward(
             }
             Err(_) => {
                 picked.report(Outcome::Failure);
-                if may_retry {
+                if may_retry() {
                     continue;
                 }
                 break Err(Refusal::Timeout {

@@ -136,12 +136,32 @@ async fn a_dead_instance_is_ejected_and_retries_hide_it() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn only_idempotent_or_marked_requests_are_retried() {
-    let s = setup(routes(vec![RouteConfig::new("/api/*", "flaky").retries(3)])).await;
+    let s = setup(routes(vec![
+        RouteConfig::new("/api/*", "flaky").retries(3),
+        RouteConfig::new("/ok/*", "fine").retries(3),
+    ]))
+    .await;
     let (port, calls, _task) = upstream(StatusCode::SERVICE_UNAVAILABLE).await;
     s.registry
         .register("flaky", Instance::new("f1", "127.0.0.1", port))
         .await
         .unwrap();
+    let (fine, _, _fine_task) = upstream(StatusCode::OK).await;
+    s.registry
+        .register("fine", Instance::new("ok1", "127.0.0.1", fine))
+        .await
+        .unwrap();
+    // Answered requests spend no retry budget: after many of them, retries are still there.
+    for _ in 0..200 {
+        let status = s
+            .http
+            .get(format!("{}/ok/x", s.base))
+            .send()
+            .await
+            .unwrap()
+            .status();
+        assert_eq!(status, 200);
+    }
 
     let get = s
         .http
