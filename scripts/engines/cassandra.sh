@@ -36,52 +36,9 @@ engine_install() {
   home="$(_cass_home)"
   version="$(_cass_version)"
   mkdir -p "$home"/{lib,conf,data,commitlog,saved_caches,hints,cdc_raw,logs,tools,resolve}
-  if [ ! -f "$home/lib/.installed-$version" ]; then
-    echo "cassandra: resolving cassandra-all $version from Maven Central (cached in ~/.m2)"
-    rm -f "$home"/lib/*.jar "$home"/lib/.installed-*
-    cat >"$home/resolve/pom.xml" <<POM
-<project xmlns="http://maven.apache.org/POM/4.0.0">
-  <modelVersion>4.0.0</modelVersion>
-  <groupId>trellis.services</groupId>
-  <artifactId>cassandra-jars</artifactId>
-  <version>1</version>
-  <packaging>pom</packaging>
-  <dependencies>
-    <dependency>
-      <groupId>org.apache.cassandra</groupId>
-      <artifactId>cassandra-all</artifactId>
-      <version>$version</version>
-    </dependency>
-  </dependencies>
-  <build>
-    <plugins>
-      <plugin>
-        <groupId>org.apache.maven.plugins</groupId>
-        <artifactId>maven-dependency-plugin</artifactId>
-        <version>3.8.1</version>
-        <executions>
-          <execution>
-            <id>copy</id>
-            <phase>package</phase>
-            <goals><goal>copy-dependencies</goal></goals>
-            <configuration>
-              <outputDirectory>$home/lib</outputDirectory>
-              <includeScope>runtime</includeScope>
-            </configuration>
-          </execution>
-        </executions>
-      </plugin>
-    </plugins>
-  </build>
-</project>
-POM
-    (cd "$home/resolve" && mvn -q -B package) >"$home/logs/maven.log" 2>&1 || {
-      echo "cassandra: maven failed; see $home/logs/maven.log" >&2
-      tail -n 40 "$home/logs/maven.log" >&2
-      return 1
-    }
-    touch "$home/lib/.installed-$version"
-  fi
+  maven_copy_jars cassandra "$home" "$version" \
+    "<dependency><groupId>org.apache.cassandra</groupId><artifactId>cassandra-all</artifactId><version>$version</version></dependency>" ||
+    return 1
   _cass_tls "$home" || return 1
   _cass_write_config "$home"
   if [ ! -f "$home/tools/CqlPing.class" ] || [ "$home/tools/CqlPing.java" -nt "$home/tools/CqlPing.class" ]; then

@@ -21,51 +21,12 @@ engine_install() {
   home="$(_kafka_home)"
   version="$(_kafka_version)"
   mkdir -p "$home"/{lib,conf,data,logs,resolve}
-  if [ ! -f "$home/lib/.installed-$version" ]; then
-    echo "kafka: resolving kafka_2.13 $version from Maven Central (cached in ~/.m2)"
-    rm -f "$home"/lib/*.jar "$home"/lib/.installed-*
-    cat >"$home/resolve/pom.xml" <<POM
-<project xmlns="http://maven.apache.org/POM/4.0.0">
-  <modelVersion>4.0.0</modelVersion>
-  <groupId>trellis.services</groupId>
-  <artifactId>kafka-jars</artifactId>
-  <version>1</version>
-  <packaging>pom</packaging>
-  <dependencies>
+  maven_copy_jars kafka "$home" "$version" "
     <dependency><groupId>org.apache.kafka</groupId><artifactId>kafka_2.13</artifactId><version>$version</version></dependency>
     <dependency><groupId>org.apache.logging.log4j</groupId><artifactId>log4j-core</artifactId><version>2.24.3</version></dependency>
     <dependency><groupId>org.apache.logging.log4j</groupId><artifactId>log4j-slf4j2-impl</artifactId><version>2.24.3</version></dependency>
-    <dependency><groupId>org.slf4j</groupId><artifactId>slf4j-api</artifactId><version>2.0.16</version></dependency>
-  </dependencies>
-  <build>
-    <plugins>
-      <plugin>
-        <groupId>org.apache.maven.plugins</groupId>
-        <artifactId>maven-dependency-plugin</artifactId>
-        <version>3.8.1</version>
-        <executions>
-          <execution>
-            <id>copy</id>
-            <phase>package</phase>
-            <goals><goal>copy-dependencies</goal></goals>
-            <configuration>
-              <outputDirectory>$home/lib</outputDirectory>
-              <includeScope>runtime</includeScope>
-            </configuration>
-          </execution>
-        </executions>
-      </plugin>
-    </plugins>
-  </build>
-</project>
-POM
-    (cd "$home/resolve" && mvn -q -B package) >"$home/logs/maven.log" 2>&1 || {
-      echo "kafka: maven failed; see $home/logs/maven.log" >&2
-      tail -n 40 "$home/logs/maven.log" >&2
-      return 1
-    }
-    touch "$home/lib/.installed-$version"
-  fi
+    <dependency><groupId>org.slf4j</groupId><artifactId>slf4j-api</artifactId><version>2.0.16</version></dependency>" ||
+    return 1
   cat >"$home/conf/server.properties" <<PROPS
 process.roles=broker,controller
 node.id=1
