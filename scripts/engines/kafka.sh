@@ -46,7 +46,11 @@ share.coordinator.state.topic.replication.factor=1
 share.coordinator.state.topic.min.isr=1
 group.initial.rebalance.delay.ms=0
 auto.create.topics.enable=true
-log.retention.hours=24
+# Test and bench topics are throw-away: keep the disk bounded.
+log.retention.minutes=30
+log.segment.bytes=16777216
+log.index.size.max.bytes=1048576
+log.retention.check.interval.ms=60000
 PROPS
   cat >"$home/conf/log4j2.properties" <<'LOG'
 status = warn

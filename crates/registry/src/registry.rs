@@ -104,6 +104,19 @@ struct Owned {
     task: JoinHandle<()>,
     wake: Arc<Notify>,
     last_heartbeat_ms: Arc<AtomicU64>,
+    /// Held by the lease loop across each write; `false` once the registration ended.
+    /// Aborting the loop alone is not enough: a store write already handed to a blocking
+    /// thread would still land, after the deregistration, and bring the row back.
+    gate: Arc<tokio::sync::Mutex<bool>>,
+}
+
+impl Owned {
+    /// Ends the lease loop so that no write of it can land afterwards.
+    async fn stop(self) {
+        // Waits for a write in flight (the loop holds the gate across it), then closes.
+        *self.gate.lock().await = false;
+        self.task.abort();
+    }
 }
 
 struct Inner {
@@ -275,6 +288,12 @@ impl ServiceRegistry {
             .as_ref()
             .and_then(|c| c.interval)
             .map_or(self.inner.options.health_check_interval, |i| i.get());
+        // A previous registration of the same instance stops before the new record is
+        // written, so that its last lease write cannot overwrite the new metadata.
+        let previous = lock(&self.inner.owned).remove(&(service.to_owned(), instance.id.clone()));
+        if let Some(previous) = previous {
+            previous.stop().await;
+        }
         let now = now_ms();
         let record = InstanceRecord {
             service: service.to_owned(),
@@ -289,6 +308,7 @@ impl ServiceRegistry {
         let key = (service.to_owned(), instance.id.clone());
         let wake = Arc::new(Notify::new());
         let last_heartbeat_ms = Arc::new(AtomicU64::new(0));
+        let gate = Arc::new(tokio::sync::Mutex::new(true));
         let task = tokio::spawn(lease_loop(
             Arc::downgrade(&self.inner),
             record,
@@ -297,6 +317,7 @@ impl ServiceRegistry {
             interval.min(ttl / 2),
             wake.clone(),
             last_heartbeat_ms.clone(),
+            gate.clone(),
         ));
         let previous = lock(&self.inner.owned).insert(
             key,
@@ -304,10 +325,12 @@ impl ServiceRegistry {
                 task,
                 wake,
                 last_heartbeat_ms,
+                gate,
             },
         );
         if let Some(previous) = previous {
-            previous.task.abort();
+            // A concurrent register of the same instance raced this one: last one wins.
+            previous.stop().await;
         }
         self.inner.patch(service, &instance.id, Some(written)).await;
         Ok(Registration {
@@ -339,8 +362,9 @@ impl ServiceRegistry {
     pub async fn deregister(&self, service: &str, id: &str) -> Result<bool, RegistryError> {
         validate_name(NameKind::Service, service)?;
         validate_name(NameKind::Instance, id)?;
-        if let Some(owned) = lock(&self.inner.owned).remove(&(service.to_owned(), id.to_owned())) {
-            owned.task.abort();
+        let owned = lock(&self.inner.owned).remove(&(service.to_owned(), id.to_owned()));
+        if let Some(owned) = owned {
+            owned.stop().await;
         }
         let existed = self
             .inner
@@ -402,7 +426,7 @@ impl ServiceRegistry {
         let owned: Vec<((String, String), Owned)> = lock(&self.inner.owned).drain().collect();
         let mut first_error = None;
         for ((service, id), entry) in owned {
-            entry.task.abort();
+            entry.stop().await;
             if let Err(e) = self
                 .inner
                 .table
@@ -698,6 +722,7 @@ async fn http_check(client: &reqwest::Client, url: &str) -> bool {
 }
 
 /// Checks the instance and renews its lease every `period` until aborted.
+#[allow(clippy::too_many_arguments)] // one call site; the handles are shared with `Owned`
 async fn lease_loop(
     inner: Weak<Inner>,
     mut record: InstanceRecord,
@@ -706,6 +731,7 @@ async fn lease_loop(
     period: Duration,
     wake: Arc<Notify>,
     last_heartbeat_ms: Arc<AtomicU64>,
+    gate: Arc<tokio::sync::Mutex<bool>>,
 ) {
     let mut tracker = Tracker {
         status: InstanceStatus::Unknown,
@@ -744,11 +770,16 @@ async fn lease_loop(
         just_registered = false;
         record.status = status;
         record.updated_at_ms = now_ms();
-        match if skip {
+        let open = gate.lock().await;
+        if !*open {
+            return;
+        }
+        let result = if skip {
             None
         } else {
             Some(registry.write(&record, ttl).await)
-        } {
+        };
+        match result {
             None => {}
             Some(Ok(written)) if changed => {
                 tracing::info!(service = %record.service, id = %record.instance.id, status = status.as_str(), "instance status changed");
@@ -761,6 +792,8 @@ async fn lease_loop(
                 tracing::warn!(service = %record.service, id = %record.instance.id, error = %e, "lease renewal failed; retrying")
             }
         }
+        // Held until the snapshot is patched too, so a deregistration cannot be undone.
+        drop(open);
         drop(registry);
         tokio::select! {
             () = tokio::time::sleep(period) => {}

@@ -361,3 +361,61 @@ async fn store_outage_serves_a_stale_snapshot() {
         .await
         .expect("instance back");
 }
+
+/// A lease write in flight when the instance is deregistered (or registered again with new
+/// metadata) must not land afterwards and bring the old row back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_lease_write_lands_after_deregister_or_reregister() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(&dir).await;
+    let registry = ServiceRegistry::start(&store, fast()).await.unwrap();
+    for round in 0..40 {
+        let id = format!("r{round}");
+        let reg = registry
+            .register("racy", Instance::new(&id, "127.0.0.1", 1))
+            .await
+            .unwrap();
+        // Unknown → healthy: the woken lease loop writes at once, racing the calls below.
+        reg.heartbeat().unwrap();
+        registry
+            .register(
+                "racy",
+                Instance::new(&id, "127.0.0.1", 1).metadata("weight", "7"),
+            )
+            .await
+            .unwrap();
+        registry.heartbeat("racy", &id).unwrap();
+        assert!(registry.deregister("racy", &id).await.unwrap());
+    }
+    let weighted = registry
+        .register(
+            "racy",
+            Instance::new("w", "127.0.0.1", 1).metadata("weight", "1"),
+        )
+        .await
+        .unwrap();
+    weighted.heartbeat().unwrap();
+    registry
+        .register(
+            "racy",
+            Instance::new("w", "127.0.0.1", 1).metadata("weight", "9"),
+        )
+        .await
+        .unwrap();
+    // Another process' view, read from the store: for a whole refresh period and more,
+    // only `w` exists and it keeps the newest metadata.
+    let other = ServiceRegistry::start(&store, fast()).await.unwrap();
+    let start = Instant::now();
+    while start.elapsed() < Duration::from_millis(400) {
+        other.refresh().await.unwrap();
+        let seen = other.discover("racy").to_vec();
+        assert_eq!(seen.len(), 1, "a deregistered instance came back: {seen:?}");
+        assert_eq!(
+            seen[0].instance.metadata.get("weight").map(String::as_str),
+            Some("9")
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    registry.shutdown().await.unwrap();
+    other.shutdown().await.unwrap();
+}
