@@ -55,6 +55,8 @@ pub enum LoadBalancer {
     /// Power of two choices on requests in flight.
     LeastRequest,
     /// In proportion to each instance's `weight` metadata (default 1) — blue-green splits.
+    /// Under every balancer, weight 0 means no traffic, unless every instance has weight
+    /// 0, in which case all count as 1.
     Weighted,
     /// By the hash of the route's `hash_header` value: one client sticks to one instance.
     ConsistentHash,
@@ -113,6 +115,165 @@ fn sixty_seconds() -> HumanDuration {
     Duration::from_secs(60).into()
 }
 
+/// How the gateway talks to a route's upstream instances.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum UpstreamProtocol {
+    /// HTTP/1.1 with pooled keep-alive connections (the default).
+    #[default]
+    Http1,
+    /// HTTP/2 over cleartext with prior knowledge (no `Upgrade: h2c` dance): one
+    /// multiplexed connection per instance. For gRPC and h2-only servers. Upgrade
+    /// requests (WebSocket) still use HTTP/1.1.
+    H2c,
+}
+
+/// `cors = { allowed_origins = ["https://app.example.com"], ... }` — Cross-Origin
+/// Resource Sharing, at the gateway level or per route (a route's replaces the gateway's).
+///
+/// The gateway answers preflights (`OPTIONS` with `Origin` and
+/// `Access-Control-Request-Method`) itself — before authentication, which browsers do
+/// not send on preflights — with 204 when the origin, method and headers are allowed and
+/// 403 otherwise. On other requests from an allowed origin it adds
+/// `Access-Control-Allow-Origin` (and `-Allow-Credentials`, `-Expose-Headers`); a
+/// request from any other origin gets no CORS header at all (the upstream's own are
+/// removed too, so the gateway is the one place CORS is decided).
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CorsConfig {
+    /// Origins allowed to call (`"https://app.example.com"`, scheme and host and optional
+    /// port, compared case-insensitively), or `["*"]` for any.
+    pub allowed_origins: Vec<String>,
+    /// Methods a preflight may ask for. Defaults to `GET`, `HEAD`, `POST`.
+    #[serde(default = "default_cors_methods")]
+    pub allowed_methods: Vec<String>,
+    /// Request headers a preflight may ask for (case-insensitive); `["*"]` allows any.
+    /// Defaults to none beyond the CORS-safelisted ones.
+    #[serde(default)]
+    pub allowed_headers: Vec<String>,
+    /// Response headers scripts may read (`Access-Control-Expose-Headers`). Defaults to none.
+    #[serde(default)]
+    pub expose_headers: Vec<String>,
+    /// Whether cookies and `Authorization` may be sent (`Access-Control-Allow-Credentials:
+    /// true`); not allowed with the `"*"` origin. Defaults to `false`.
+    #[serde(default)]
+    pub allow_credentials: bool,
+    /// How long browsers may cache a preflight answer (`Access-Control-Max-Age`). Defaults
+    /// to none (the browser's default, 5 s).
+    #[serde(default)]
+    pub max_age: Option<HumanDuration>,
+}
+
+fn default_cors_methods() -> Vec<String> {
+    vec!["GET".into(), "HEAD".into(), "POST".into()]
+}
+
+impl CorsConfig {
+    /// CORS for `origins` with the defaults for everything else.
+    pub fn new(origins: &[&str]) -> Self {
+        CorsConfig {
+            allowed_origins: origins.iter().map(|o| (*o).to_owned()).collect(),
+            allowed_methods: default_cors_methods(),
+            allowed_headers: Vec::new(),
+            expose_headers: Vec::new(),
+            allow_credentials: false,
+            max_age: None,
+        }
+    }
+
+    /// Methods a preflight may ask for.
+    #[must_use]
+    pub fn allowed_methods(mut self, methods: &[&str]) -> Self {
+        self.allowed_methods = methods.iter().map(|m| (*m).to_owned()).collect();
+        self
+    }
+
+    /// Request headers a preflight may ask for.
+    #[must_use]
+    pub fn allowed_headers(mut self, headers: &[&str]) -> Self {
+        self.allowed_headers = headers.iter().map(|h| (*h).to_owned()).collect();
+        self
+    }
+
+    /// Response headers scripts may read.
+    #[must_use]
+    pub fn expose_headers(mut self, headers: &[&str]) -> Self {
+        self.expose_headers = headers.iter().map(|h| (*h).to_owned()).collect();
+        self
+    }
+
+    /// Allows credentials.
+    #[must_use]
+    pub fn allow_credentials(mut self, allow: bool) -> Self {
+        self.allow_credentials = allow;
+        self
+    }
+
+    /// How long browsers may cache a preflight answer.
+    #[must_use]
+    pub fn max_age(mut self, max_age: Duration) -> Self {
+        self.max_age = Some(max_age.into());
+        self
+    }
+
+    fn validate(&self, key: &str) -> Result<(), ConfigError> {
+        let any = self.allowed_origins.iter().any(|o| o == "*");
+        if self.allowed_origins.is_empty() {
+            return Err(invalid(
+                format!("{key}.allowed_origins"),
+                "is empty; list origins or \"*\"",
+            ));
+        }
+        if any && self.allow_credentials {
+            return Err(invalid(
+                format!("{key}.allow_credentials"),
+                "cannot be true with the \"*\" origin; list the origins",
+            ));
+        }
+        for origin in self.allowed_origins.iter().filter(|o| *o != "*") {
+            let rest = origin
+                .strip_prefix("https://")
+                .or_else(|| origin.strip_prefix("http://"));
+            let ok = rest.is_some_and(|host| {
+                !host.is_empty()
+                    && host
+                        .bytes()
+                        .all(|b| b.is_ascii_alphanumeric() || b"-.:[]".contains(&b))
+            });
+            if !ok {
+                return Err(invalid(
+                    format!("{key}.allowed_origins"),
+                    format!("{origin:?} is not an origin like \"https://app.example.com\""),
+                ));
+            }
+        }
+        for method in &self.allowed_methods {
+            if http::Method::from_bytes(method.as_bytes()).is_err()
+                || method.to_ascii_uppercase() != *method
+            {
+                return Err(invalid(
+                    format!("{key}.allowed_methods"),
+                    format!("{method:?} is not an upper-case HTTP method"),
+                ));
+            }
+        }
+        for (field, names) in [
+            ("allowed_headers", &self.allowed_headers),
+            ("expose_headers", &self.expose_headers),
+        ] {
+            for name in names {
+                if name != "*" && http::HeaderName::from_bytes(name.as_bytes()).is_err() {
+                    return Err(invalid(
+                        format!("{key}.{field}"),
+                        format!("{name:?} is not a header name"),
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
 /// Middleware a route can name in `middleware = [...]`.
 pub const MIDDLEWARE: [&str; 3] = ["authentication", "authorization", "rate_limiting"];
 
@@ -131,6 +292,18 @@ pub struct GatewayConfig {
     pub rate_limiting: Option<RateLimitConfig>,
     /// JWT authentication for every route that uses it. Defaults to none.
     pub authentication: Option<trellis_auth::JwtConfig>,
+    /// CORS for every route without its own `cors`. Defaults to none (no CORS headers,
+    /// `OPTIONS` forwarded like any request).
+    pub cors: Option<CorsConfig>,
+    /// Largest request body held in memory so that a retryable request can be sent again
+    /// to another instance; larger bodies stream through and are never retried.
+    /// Defaults to 64 KiB.
+    pub retry_buffer_bytes: usize,
+    /// Whether upstream HTTP/1.1 connections are driven by the task serving the request
+    /// (no hand-off to a connection task; faster). `false` uses hyper-util's pooled client,
+    /// one task per upstream connection. Upgrades and h2c always use the latter.
+    /// Defaults to `true`.
+    pub inline_upstream_connections: bool,
     /// The routes, tried most specific first.
     pub routes: Vec<RouteConfig>,
 }
@@ -143,6 +316,9 @@ impl Default for GatewayConfig {
             limits: Limits::default(),
             rate_limiting: None,
             authentication: None,
+            cors: None,
+            retry_buffer_bytes: 64 * 1024,
+            inline_upstream_connections: true,
             routes: Vec::new(),
         }
     }
@@ -201,9 +377,11 @@ pub struct RouteConfig {
     /// Header whose value the `consistent_hash` balancer hashes.
     #[serde(default)]
     pub hash_header: Option<String>,
-    /// Extra attempts on another instance for idempotent requests without a body (or ones
-    /// marked retryable) after a connect error, a timeout or a 502/503/504, within the
-    /// gateway's retry budget (20% of requests). Defaults to 0.
+    /// Extra attempts on another instance after a connect error, a timeout or a
+    /// 502/503/504, within the gateway's retry budget (20% of requests), for idempotent
+    /// requests, requests carrying `x-trellis-retryable: true`, and any request when
+    /// `retry_non_idempotent` is set — whose bodies fit in the gateway's
+    /// `retry_buffer_bytes`. Defaults to 0.
     #[serde(default)]
     pub retries: u32,
     /// The route's circuit breaker.
@@ -219,6 +397,17 @@ pub struct RouteConfig {
     /// This route's own rate limit instead of the gateway's.
     #[serde(default)]
     pub rate_limiting: Option<RateLimitConfig>,
+    /// Lets `retries` apply to non-idempotent requests (`POST`, `PATCH`) too, as if each
+    /// carried `x-trellis-retryable: true`. Only for upstreams that deduplicate (an
+    /// idempotency key). Defaults to `false`.
+    #[serde(default)]
+    pub retry_non_idempotent: bool,
+    /// HTTP/1.1 or h2c towards the upstream instances. Defaults to `http1`.
+    #[serde(default)]
+    pub upstream_protocol: UpstreamProtocol,
+    /// This route's CORS instead of the gateway's.
+    #[serde(default)]
+    pub cors: Option<CorsConfig>,
 }
 
 impl RouteConfig {
@@ -239,7 +428,31 @@ impl RouteConfig {
             middleware: Vec::new(),
             authorization: None,
             rate_limiting: None,
+            retry_non_idempotent: false,
+            upstream_protocol: UpstreamProtocol::Http1,
+            cors: None,
         }
+    }
+
+    /// Lets `retries` apply to non-idempotent requests.
+    #[must_use]
+    pub fn retry_non_idempotent(mut self, retry: bool) -> Self {
+        self.retry_non_idempotent = retry;
+        self
+    }
+
+    /// HTTP/1.1 or h2c towards the upstream.
+    #[must_use]
+    pub fn upstream_protocol(mut self, protocol: UpstreamProtocol) -> Self {
+        self.upstream_protocol = protocol;
+        self
+    }
+
+    /// This route's CORS.
+    #[must_use]
+    pub fn cors(mut self, cors: CorsConfig) -> Self {
+        self.cors = Some(cors);
+        self
     }
 
     /// Whether `middleware` applies to this route, given what the gateway configures.
@@ -331,6 +544,12 @@ impl GatewayConfig {
             auth.clone()
                 .validate()
                 .map_err(|e| invalid("authentication", e.to_string()))?;
+        }
+        if let Some(cors) = &self.cors {
+            cors.validate("cors")?;
+        }
+        if self.retry_buffer_bytes > 16 << 20 {
+            return Err(invalid("retry_buffer_bytes", "at most 16777216 (16 MiB)"));
         }
         if self.limits.max_header_bytes < 8192 || self.limits.max_header_bytes > 1 << 20 {
             return Err(invalid(
@@ -428,6 +647,9 @@ impl GatewayConfig {
             if let Some(rate) = &route.rate_limiting {
                 check_rate(&key("rate_limiting"), rate)?;
             }
+            if let Some(cors) = &route.cors {
+                cors.validate(&key("cors"))?;
+            }
             if let Some(breaker) = &route.circuit_breaker
                 && (breaker.threshold == 0 || breaker.timeout.get().is_zero())
             {
@@ -517,6 +739,24 @@ mod tests {
                 "unknown field `colour`",
             ),
             ("load_balancer = \"fastest\"", "unknown variant `fastest`"),
+            ("cors = { allowed_origins = [] }", "cors.allowed_origins"),
+            (
+                "cors = { allowed_origins = [\"app.example.com\"] }",
+                "cors.allowed_origins",
+            ),
+            (
+                "cors = { allowed_origins = [\"*\"], allow_credentials = true }",
+                "cors.allow_credentials",
+            ),
+            (
+                "[[routes]]\npath = \"/a\"\nservice = \"s\"\ncors = { allowed_origins = [\"*\"], allowed_methods = [\"get\"] }",
+                "routes[0].cors.allowed_methods",
+            ),
+            (
+                "[[routes]]\npath = \"/a\"\nservice = \"s\"\nupstream_protocol = \"h3\"",
+                "unknown variant `h3`",
+            ),
+            ("retry_buffer_bytes = 99999999", "retry_buffer_bytes"),
         ] {
             let err = GatewayConfig::from_toml(text).unwrap_err().to_string();
             assert!(err.contains(needle), "{text}: {err}");

@@ -9,13 +9,14 @@ use std::time::Duration;
 use arc_swap::ArcSwap;
 use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::uri::PathAndQuery;
 use http::{Request, Response, StatusCode, Uri};
 use http_body_util::combinators::BoxBody;
-use http_body_util::{BodyExt, Full, Limited};
-use hyper::body::Incoming;
+use http_body_util::{BodyExt, Empty, Full, Limited};
+use hyper::body::{Frame, Incoming};
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::rt::TokioExecutor;
+use hyper_util::rt::{TokioExecutor, TokioIo};
 use trellis_auth::{AuthError, JwtVerifier};
 use trellis_registry::{InstanceStatus, ServiceRegistry};
 use trellis_resilience::balance::{Endpoint, Outcome, PickContext, Picked};
@@ -26,7 +27,8 @@ use trellis_resilience::http::{
 use trellis_resilience::ratelimit::RateLimited;
 use trellis_resilience::retry::{Backoff, RetryBudget};
 
-use crate::config::{GatewayConfig, Limits};
+use crate::config::{GatewayConfig, Limits, UpstreamProtocol};
+use crate::metrics::AttemptStatus;
 use crate::route::{Route, RouteTable, Upstream, check_path};
 
 /// Error type of bodies travelling through the gateway.
@@ -59,6 +61,12 @@ pub(crate) struct State {
     pub(crate) registry: ServiceRegistry,
     pub(crate) limits: Limits,
     client: Client<HttpConnector, Body>,
+    /// Plain HTTP/1.1 requests: connections driven by the request's own task.
+    pool: Arc<crate::pool::Pool>,
+    inline: bool,
+    /// HTTP/2 with prior knowledge, for `upstream_protocol = "h2c"` routes.
+    h2c: Client<HttpConnector, Body>,
+    retry_buffer_bytes: usize,
     next_id: AtomicU64,
     id_prefix: String,
     verifier: Option<JwtVerifier>,
@@ -82,16 +90,24 @@ impl State {
         let client = Client::builder(TokioExecutor::new())
             .pool_idle_timeout(Duration::from_secs(90))
             .pool_max_idle_per_host(256)
+            .build(connector.clone());
+        let h2c = Client::builder(TokioExecutor::new())
+            .pool_idle_timeout(Duration::from_secs(90))
+            .http2_only(true)
             .build(connector);
         let claim_headers = verifier
             .as_ref()
             .map(|v| v.forward_claims().header_names().to_vec())
             .unwrap_or_default();
         State {
-            table: ArcSwap::from_pointee(RouteTable::from_config(config)),
+            table: ArcSwap::from_pointee(RouteTable::from_config(config, metrics.as_ref())),
             registry,
             limits: config.limits.clone(),
             client,
+            pool: crate::pool::Pool::new(256, Duration::from_secs(90), Duration::from_secs(5)),
+            inline: config.inline_upstream_connections,
+            h2c,
+            retry_buffer_bytes: config.retry_buffer_bytes,
             next_id: AtomicU64::new(1),
             id_prefix: id_prefix(),
             verifier,
@@ -117,8 +133,17 @@ impl State {
             return value.clone();
         }
         let n = self.next_id.fetch_add(1, Ordering::Relaxed);
-        HeaderValue::from_str(&format!("{}-{n:x}", self.id_prefix))
-            .unwrap_or_else(|_| HeaderValue::from_static("unknown"))
+        // Formatted on the stack: one allocation (the header value's) per request.
+        let mut buf = [0u8; 64];
+        let mut cursor = std::io::Cursor::new(&mut buf[..]);
+        let written =
+            std::io::Write::write_fmt(&mut cursor, format_args!("{}-{n:x}", self.id_prefix));
+        let len = usize::try_from(cursor.position()).unwrap_or(0);
+        match written {
+            Ok(()) => HeaderValue::from_bytes(&buf[..len])
+                .unwrap_or_else(|_| HeaderValue::from_static("unknown")),
+            Err(_) => HeaderValue::from_static("unknown"),
+        }
     }
 }
 
@@ -252,16 +277,55 @@ fn full(body: impl Into<Bytes>) -> Body {
         .boxed()
 }
 
+pub(crate) fn empty() -> Body {
+    Empty::new().map_err(|never| match never {}).boxed()
+}
+
+/// The client end of a connection, with its address as a header value made once per
+/// connection (for `X-Forwarded-For`).
+#[derive(Debug)]
+pub(crate) struct Peer {
+    pub(crate) addr: SocketAddr,
+    pub(crate) ip: HeaderValue,
+}
+
+impl Peer {
+    pub(crate) fn new(addr: SocketAddr) -> Self {
+        let ip = HeaderValue::from_str(&addr.ip().to_string())
+            .unwrap_or_else(|_| HeaderValue::from_static("unknown"));
+        Peer { addr, ip }
+    }
+}
+
+/// The route a request matched (index into the table it was routed with).
+#[derive(Debug, Clone, Copy)]
+struct Matched {
+    route: usize,
+    /// A preflight answered with its CORS headers already set.
+    preflight: bool,
+}
+
 /// Serves one request; never fails (errors become responses).
 pub(crate) async fn handle(
     state: Arc<State>,
     request: Request<Incoming>,
-    remote: SocketAddr,
+    peer: Arc<Peer>,
+    ambiguous_framing: bool,
 ) -> Result<Response<Body>, Infallible> {
     let started = std::time::Instant::now();
     let request_id = state.request_id(request.headers().get(REQUEST_ID));
+    let table = state.table.load_full();
+    let origin = request.headers().get(header::ORIGIN).cloned();
     let mut matched = None;
-    let mut response = match forward(&state, request, remote, &request_id, &mut matched).await {
+    let forwarded = if ambiguous_framing {
+        // See `framing`: the request's body length is ambiguous; never forwarded.
+        Err(Refusal::BadRequest(
+            "request has both Content-Length and Transfer-Encoding".into(),
+        ))
+    } else {
+        forward(&state, &table, request, &peer, &request_id, &mut matched).await
+    };
+    let mut response = match forwarded {
         Ok(response) => response,
         Err(refusal) => {
             tracing::debug!(?refusal, "request refused");
@@ -269,39 +333,165 @@ pub(crate) async fn handle(
         }
     };
     response.headers_mut().insert(REQUEST_ID, request_id);
+    let route = matched.and_then(|m| Some((table.routes.get(m.route)?, m.preflight)));
+    if let Some((route, false)) = route
+        && let Some(cors) = &route.cors
+    {
+        cors.apply(origin.as_ref(), response.headers_mut());
+    }
     if let Some(metrics) = &state.metrics {
-        let (route, service) = matched.unwrap_or_else(|| ("none".to_owned(), "none".to_owned()));
-        metrics.observe(
-            &route,
-            &service,
-            response.status().as_u16(),
-            started.elapsed().as_secs_f64(),
-        );
+        let status = response.status().as_u16();
+        let seconds = started.elapsed().as_secs_f64();
+        match route.and_then(|(r, _)| r.metrics.as_ref()) {
+            Some(route_metrics) => route_metrics.observe(status, seconds),
+            None => metrics.observe("none", "none", status, seconds),
+        }
     }
     Ok(response)
 }
 
+/// A request body as the attempts see it.
+enum RequestBody {
+    /// No body.
+    Empty,
+    /// Held in memory: every attempt sends a copy.
+    Buffered(Bytes),
+    /// Streamed through once: the request is not retried.
+    Streaming(Body),
+}
+
+/// Reads a retryable request's body into memory when it fits in `limit` bytes; a larger
+/// one (or one with trailers) streams on with what was read put back in front.
+async fn buffer_body(mut body: Body, limit: usize) -> Result<RequestBody, BoxError> {
+    let mut frames: std::collections::VecDeque<Frame<Bytes>> = std::collections::VecDeque::new();
+    let mut size = 0usize;
+    loop {
+        let Some(frame) = body.frame().await.transpose()? else {
+            let mut buffered = bytes::BytesMut::with_capacity(size);
+            for frame in frames {
+                if let Ok(data) = frame.into_data() {
+                    buffered.extend_from_slice(&data);
+                }
+            }
+            return Ok(RequestBody::Buffered(buffered.freeze()));
+        };
+        let trailers = frame.is_trailers();
+        size += frame.data_ref().map_or(0, Bytes::len);
+        frames.push_back(frame);
+        if trailers || size > limit {
+            let rest = (!trailers).then_some(body);
+            return Ok(RequestBody::Streaming(Replay { frames, rest }.boxed()));
+        }
+    }
+}
+
+/// A body that first yields frames already read, then the rest of the original.
+struct Replay {
+    frames: std::collections::VecDeque<Frame<Bytes>>,
+    rest: Option<Body>,
+}
+
+impl hyper::body::Body for Replay {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        if let Some(frame) = self.frames.pop_front() {
+            return std::task::Poll::Ready(Some(Ok(frame)));
+        }
+        match &mut self.rest {
+            Some(rest) => std::pin::Pin::new(rest).poll_frame(cx),
+            None => std::task::Poll::Ready(None),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.frames.is_empty() && self.rest.as_ref().is_none_or(|r| r.is_end_stream())
+    }
+}
+
+/// The refusal for an error of the client's body.
+fn body_refusal(error: &(dyn std::error::Error + 'static), max_body: u64) -> Refusal {
+    let mut source = Some(error);
+    while let Some(e) = source {
+        if e.is::<http_body_util::LengthLimitError>() {
+            return Refusal::TooLarge(max_body);
+        }
+        source = e.source();
+    }
+    Refusal::BadRequest(format!("request body: {}", error_chain(error)))
+}
+
+/// Whether the request asks for an HTTP/1.1 protocol upgrade (WebSocket).
+fn wants_upgrade(parts: &http::request::Parts) -> bool {
+    parts.version == http::Version::HTTP_11
+        && parts.headers.contains_key(header::UPGRADE)
+        && parts
+            .headers
+            .get_all(header::CONNECTION)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .any(|token| token.trim().eq_ignore_ascii_case("upgrade"))
+}
+
+/// Joins the client's and the upstream's upgraded connections and copies bytes both
+/// ways until either side closes.
+fn splice(client: hyper::upgrade::OnUpgrade, upstream: hyper::upgrade::OnUpgrade) {
+    tokio::spawn(async move {
+        match tokio::try_join!(client, upstream) {
+            Ok((client, upstream)) => {
+                let mut client = TokioIo::new(client);
+                let mut upstream = TokioIo::new(upstream);
+                if let Err(e) = tokio::io::copy_bidirectional(&mut client, &mut upstream).await {
+                    tracing::debug!(error = %e, "upgraded connection ended with an error");
+                }
+            }
+            Err(e) => tracing::debug!(error = %e, "protocol upgrade failed"),
+        }
+    });
+}
+
 async fn forward(
     state: &State,
+    table: &RouteTable,
     request: Request<Incoming>,
-    remote: SocketAddr,
+    peer: &Peer,
     request_id: &HeaderValue,
-    matched: &mut Option<(String, String)>,
+    matched: &mut Option<Matched>,
 ) -> Result<Response<Body>, Refusal> {
+    let remote = peer.addr;
     let (mut parts, body) = request.into_parts();
     let path = parts.uri.path();
     check_path(path).map_err(|e| Refusal::BadRequest(e.0))?;
-    let host = parts
-        .headers
-        .get(header::HOST)
-        .and_then(|h| h.to_str().ok())
-        .map(str::to_owned)
-        .or_else(|| parts.uri.authority().map(|a| a.to_string()));
-    let table = state.table.load();
-    let route = table
-        .find(&parts.method, host.as_deref(), path, &parts.headers)
+    let host = match parts.headers.get(header::HOST) {
+        Some(host) => Some(host.clone()),
+        None => parts
+            .uri
+            .authority()
+            .and_then(|a| HeaderValue::from_str(a.as_str()).ok()),
+    };
+    let host_name = host.as_ref().and_then(|h| h.to_str().ok());
+    if let Some(wanted) = crate::cors::Cors::preflight_method(&parts.method, &parts.headers)
+        && let Some((index, route)) = table.find_index(&wanted, host_name, path, &parts.headers)
+        && let Some(cors) = &route.cors
+    {
+        *matched = Some(Matched {
+            route: index,
+            preflight: true,
+        });
+        return Ok(cors.preflight(&wanted, &parts.headers));
+    }
+    let (index, route) = table
+        .find_index(&parts.method, host_name, path, &parts.headers)
         .ok_or_else(|| Refusal::NoRoute(path.to_owned()))?;
-    *matched = Some((route.config.path.clone(), route.config.service.clone()));
+    *matched = Some(Matched {
+        route: index,
+        preflight: false,
+    });
     let max_body = state.limits.max_body_bytes;
     let content_length = parts
         .headers
@@ -358,14 +548,14 @@ async fn forward(
         rate_info = Some(limiter.check(class, &key).map_err(Refusal::RateLimited)?);
     }
 
-    let service = route.config.service.clone();
+    let service = route.config.service.as_str();
     let permit = match &route.breaker {
         Some(breaker) => {
             Some(
                 breaker
                     .try_acquire()
                     .map_err(|open: BreakerOpen| Refusal::CircuitOpen {
-                        service: service.clone(),
+                        service: service.to_owned(),
                         retry_in: Some(open.retry_in()),
                     })?,
             )
@@ -374,37 +564,91 @@ async fn forward(
     };
 
     let upstream_path = route.upstream_path(path);
-    let path_and_query = match parts.uri.query() {
-        Some(query) => format!("{upstream_path}?{query}"),
-        None => upstream_path.into_owned(),
+    let path_and_query = if upstream_path == path
+        && let Some(original) = parts.uri.path_and_query()
+    {
+        original.clone()
+    } else {
+        let text = match parts.uri.query() {
+            Some(query) => format!("{upstream_path}?{query}"),
+            None => upstream_path.into_owned(),
+        };
+        PathAndQuery::from_maybe_shared(Bytes::from(text))
+            .map_err(|e| Refusal::BadRequest(format!("cannot build the upstream path: {e}")))?
     };
-    parts.version = http::Version::HTTP_11;
-    forward_headers(&mut parts.headers, remote, host.as_deref(), request_id);
-    let bodiless =
-        content_length.unwrap_or(0) == 0 && !parts.headers.contains_key(header::TRANSFER_ENCODING);
-    // Only idempotent (or marked) requests without a body may be sent twice.
-    let retryable = is_idempotent(&parts.method)
-        || parts
+    let upgrade = wants_upgrade(&parts);
+    let client_upgrade = if upgrade {
+        parts.extensions.remove::<hyper::upgrade::OnUpgrade>()
+    } else {
+        None
+    };
+    let upgrade_protocol = if upgrade {
+        parts.headers.get(header::UPGRADE).cloned()
+    } else {
+        None
+    };
+    let h2c = !upgrade && route.config.upstream_protocol == UpstreamProtocol::H2c;
+    let client = if h2c { &state.h2c } else { &state.client };
+    let use_pool = state.inline && !h2c && !upgrade;
+    parts.version = if h2c {
+        http::Version::HTTP_2
+    } else {
+        http::Version::HTTP_11
+    };
+    forward_headers(&mut parts.headers, peer, host.as_ref(), request_id);
+    if let Some(protocol) = upgrade_protocol {
+        parts.headers.insert(header::UPGRADE, protocol);
+        parts
             .headers
-            .get(RETRYABLE)
-            .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"true") || v.as_bytes() == b"1");
-    let attempts = if bodiless && retryable && route.config.retries > 0 {
+            .insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+    }
+    // Only idempotent (or marked) requests may be sent twice; their bodies are held in
+    // memory up to `retry_buffer_bytes` so that each attempt can send them.
+    let retryable = !upgrade
+        && route.config.retries > 0
+        && (is_idempotent(&parts.method)
+            || route.config.retry_non_idempotent
+            || parts.headers.get(RETRYABLE).is_some_and(|v| {
+                v.as_bytes().eq_ignore_ascii_case(b"true") || v.as_bytes() == b"1"
+            }));
+    let request_body = if hyper::body::Body::is_end_stream(&body) {
+        RequestBody::Empty
+    } else {
+        let limited = Limited::new(body, usize::try_from(max_body).unwrap_or(usize::MAX))
+            .map_err(|e| -> BoxError { Box::new(ClientBodyError(e)) })
+            .boxed();
+        if retryable {
+            buffer_body(limited, state.retry_buffer_bytes)
+                .await
+                .map_err(|e| body_refusal(&*e, max_body))?
+        } else {
+            RequestBody::Streaming(limited)
+        }
+    };
+    if let RequestBody::Buffered(bytes) = &request_body {
+        // The body now has a known length (it may have come chunked).
+        parts.headers.remove(header::TRANSFER_ENCODING);
+        parts
+            .headers
+            .insert(header::CONTENT_LENGTH, HeaderValue::from(bytes.len()));
+    }
+    let (buffered, mut streaming) = match request_body {
+        RequestBody::Empty => (None, None),
+        RequestBody::Buffered(bytes) => (Some(bytes), None),
+        RequestBody::Streaming(body) => (None, Some(body)),
+    };
+    let attempts = if retryable && streaming.is_none() {
         1 + route.config.retries
     } else {
         1
     };
     state.budget.deposit();
-    let mut body = Some(
-        Limited::new(body, usize::try_from(max_body).unwrap_or(usize::MAX))
-            .map_err(|e| -> BoxError { Box::new(ClientBodyError(e)) })
-            .boxed(),
-    );
     let timeout = route.config.upstream_timeout();
     let mut attempt = 0;
     let result = loop {
         attempt += 1;
         let Some(picked) = pick(state, route, &parts.headers) else {
-            break Err(Refusal::NoInstance(service.clone()));
+            break Err(Refusal::NoInstance(service.to_owned()));
         };
         // The last attempt takes the request head; earlier ones copy it.
         let mut upstream_parts = if attempt < attempts {
@@ -412,12 +656,11 @@ async fn forward(
         } else {
             std::mem::replace(&mut parts, Request::new(()).into_parts().0)
         };
-        upstream_parts.uri = match Uri::builder()
-            .scheme("http")
-            .authority(picked.value().as_str())
-            .path_and_query(path_and_query.as_str())
-            .build()
-        {
+        let mut uri = http::uri::Parts::default();
+        uri.scheme = Some(http::uri::Scheme::HTTP);
+        uri.authority = Some(picked.value().authority.clone());
+        uri.path_and_query = Some(path_and_query.clone());
+        upstream_parts.uri = match Uri::from_parts(uri) {
             Ok(uri) => uri,
             Err(e) => {
                 break Err(Refusal::BadRequest(format!(
@@ -425,14 +668,47 @@ async fn forward(
                 )));
             }
         };
-        let attempt_body = body.take().unwrap_or_else(|| full(Bytes::new()));
-        let sent = tokio::time::timeout(
-            timeout,
-            state
-                .client
-                .request(Request::from_parts(upstream_parts, attempt_body)),
-        )
-        .await;
+        let attempt_body = match (streaming.take(), &buffered) {
+            (Some(body), _) => body,
+            (None, Some(bytes)) => full(bytes.clone()),
+            (None, None) => empty(),
+        };
+        let sent_at = picked
+            .value()
+            .metrics
+            .is_some()
+            .then(std::time::Instant::now);
+        let sent = if use_pool {
+            // Origin-form request line, and the Host the legacy client would have set.
+            upstream_parts.uri = Uri::from(path_and_query.clone());
+            upstream_parts
+                .headers
+                .insert(header::HOST, picked.value().host.clone());
+            let request = Request::from_parts(upstream_parts, attempt_body);
+            tokio::time::timeout(timeout, state.pool.send(&picked.value().authority, request))
+                .await
+                .map(|r| r.map_err(|e| -> BoxError { Box::new(e) }))
+        } else {
+            tokio::time::timeout(
+                timeout,
+                client.request(Request::from_parts(upstream_parts, attempt_body)),
+            )
+            .await
+            .map(|r| {
+                r.map(|response| {
+                    response.map(|body| body.map_err(|e| -> BoxError { Box::new(e) }).boxed())
+                })
+                .map_err(|e| -> BoxError { Box::new(e) })
+            })
+        };
+        if let (Some(metrics), Some(sent_at)) = (&picked.value().metrics, sent_at) {
+            let status = match &sent {
+                Ok(Ok(response)) => AttemptStatus::Answered(response.status().as_u16()),
+                Ok(Err(_)) => AttemptStatus::Error,
+                Err(_) => AttemptStatus::Timeout,
+            };
+            metrics.observe(status, sent_at.elapsed().as_secs_f64());
+        }
         // Asked only when a retry is wanted, so answered requests spend no budget.
         let may_retry = || attempt < attempts && state.budget.withdraw();
         match sent {
@@ -447,25 +723,19 @@ async fn forward(
                 break Ok(response);
             }
             Ok(Err(e)) => {
-                if let Some(client_error) = client_body_error(&e) {
+                if let Some(client_error) = client_body_error(&*e) {
                     drop(picked);
-                    if client_error.0.is::<http_body_util::LengthLimitError>() {
-                        break Err(Refusal::TooLarge(max_body));
-                    }
-                    break Err(Refusal::BadRequest(format!(
-                        "request body: {}",
-                        error_chain(&*client_error.0)
-                    )));
+                    break Err(body_refusal(&*client_error.0, max_body));
                 }
-                let address = picked.value().clone();
+                let address = picked.value().authority.clone();
                 picked.report(Outcome::Failure);
                 if may_retry() {
                     tokio::time::sleep(state.backoff.delay(attempt - 1)).await;
                     continue;
                 }
                 break Err(Refusal::Unreachable {
-                    service: service.clone(),
-                    detail: format!("{address} ({})", error_chain(&e)),
+                    service: service.to_owned(),
+                    detail: format!("{address} ({})", error_chain(&*e)),
                 });
             }
             Err(_) => {
@@ -474,7 +744,7 @@ async fn forward(
                     continue;
                 }
                 break Err(Refusal::Timeout {
-                    service: service.clone(),
+                    service: service.to_owned(),
                     after: timeout,
                 });
             }
@@ -490,16 +760,29 @@ async fn forward(
         };
         permit.record(failed);
     }
-    let response = result?;
+    let mut response = result?;
+    if response.status() == StatusCode::SWITCHING_PROTOCOLS
+        && let Some(client_upgrade) = client_upgrade
+    {
+        let upstream_upgrade = hyper::upgrade::on(&mut response);
+        let protocol = response.headers().get(header::UPGRADE).cloned();
+        splice(client_upgrade, upstream_upgrade);
+        let (mut parts, _) = response.into_parts();
+        strip_hop_by_hop(&mut parts.headers);
+        if let Some(protocol) = protocol {
+            parts.headers.insert(header::UPGRADE, protocol);
+        }
+        parts
+            .headers
+            .insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+        return Ok(Response::from_parts(parts, empty()));
+    }
     let (mut parts, body) = response.into_parts();
     strip_hop_by_hop(&mut parts.headers);
     if let Some(info) = &rate_info {
         insert_rate_limit_headers(&mut parts.headers, info);
     }
-    Ok(Response::from_parts(
-        parts,
-        body.map_err(|e| -> BoxError { Box::new(e) }).boxed(),
-    ))
+    Ok(Response::from_parts(parts, body))
 }
 
 fn unreachable_budget() -> RetryBudget {
@@ -529,8 +812,10 @@ impl std::error::Error for ClientBodyError {
     }
 }
 
-fn client_body_error(error: &hyper_util::client::legacy::Error) -> Option<&ClientBodyError> {
-    let mut source = std::error::Error::source(error);
+fn client_body_error<'a>(
+    error: &'a (dyn std::error::Error + 'static),
+) -> Option<&'a ClientBodyError> {
+    let mut source = error.source();
     while let Some(e) = source {
         if let Some(found) = e.downcast_ref::<ClientBodyError>() {
             return Some(found);
@@ -558,22 +843,48 @@ fn pick(state: &State, route: &Route, headers: &HeaderMap) -> Option<Picked<Upst
     let found = state.registry.discover(&route.config.service);
     let generation = found.generation();
     if route.synced.swap(generation, Ordering::AcqRel) != generation {
-        route.balancer.update(found.iter().map(|record| {
+        let weight = |record: &trellis_registry::InstanceRecord| -> u32 {
+            record
+                .instance
+                .metadata
+                .get("weight")
+                .and_then(|w| w.trim().parse().ok())
+                .unwrap_or(1)
+        };
+        // Weight 0 takes an instance out of rotation (blue-green: the idle colour); when
+        // every instance says 0, none is preferred, so all count as 1.
+        let all_zero = found.iter().all(|record| weight(record) == 0);
+        route.balancer.update(found.iter().filter_map(|record| {
             let host = &record.instance.host;
-            let authority = if host.contains(':') && !host.starts_with('[') {
+            let text = if host.contains(':') && !host.starts_with('[') {
                 format!("[{host}]:{}", record.instance.port)
             } else {
                 format!("{host}:{}", record.instance.port)
             };
-            let weight = record
-                .instance
-                .metadata
-                .get("weight")
-                .and_then(|w| w.parse().ok())
-                .unwrap_or(1);
-            Endpoint::new(record.instance.id.as_str(), authority)
-                .with_weight(weight)
-                .with_health(record.status != InstanceStatus::Unhealthy)
+            let authority = match http::uri::Authority::try_from(text.as_str()) {
+                Ok(authority) => authority,
+                Err(e) => {
+                    tracing::warn!(instance = %record.instance.id, address = %text, error = %e,
+                        "instance address is not a valid authority; skipped");
+                    return None;
+                }
+            };
+            let Ok(host) = HeaderValue::from_str(authority.as_str()) else {
+                return None;
+            };
+            let upstream = Upstream {
+                authority,
+                host,
+                metrics: state
+                    .metrics
+                    .as_ref()
+                    .map(|m| m.instance(&route.config.service, &record.instance.version)),
+            };
+            Some(
+                Endpoint::new(record.instance.id.as_str(), upstream)
+                    .with_weight(if all_zero { 1 } else { weight(record) })
+                    .with_health(record.status != InstanceStatus::Unhealthy),
+            )
         }));
     }
     let hash = route
@@ -604,23 +915,25 @@ fn strip_hop_by_hop(headers: &mut HeaderMap) {
 
 fn forward_headers(
     headers: &mut HeaderMap,
-    remote: SocketAddr,
-    host: Option<&str>,
+    peer: &Peer,
+    host: Option<&HeaderValue>,
     request_id: &HeaderValue,
 ) {
     strip_hop_by_hop(headers);
     headers.remove(header::HOST);
-    let client_ip = remote.ip().to_string();
     let forwarded_for = match headers.get(X_FORWARDED_FOR).and_then(|v| v.to_str().ok()) {
-        Some(previous) => format!("{previous}, {client_ip}"),
-        None => client_ip,
+        Some(previous) => {
+            let ip = String::from_utf8_lossy(peer.ip.as_bytes());
+            HeaderValue::from_str(&format!("{previous}, {ip}")).ok()
+        }
+        None => Some(peer.ip.clone()),
     };
-    if let Ok(value) = HeaderValue::from_str(&forwarded_for) {
+    if let Some(value) = forwarded_for {
         headers.insert(X_FORWARDED_FOR, value);
     }
     headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static("http"));
-    if let Some(value) = host.and_then(|h| HeaderValue::from_str(h).ok()) {
-        headers.insert(X_FORWARDED_HOST, value);
+    if let Some(value) = host {
+        headers.insert(X_FORWARDED_HOST, value.clone());
     }
     headers.insert(REQUEST_ID, request_id.clone());
 }

@@ -10,9 +10,18 @@ use trellis_resilience::breaker::{BreakerConfig, CircuitBreaker};
 use trellis_resilience::ratelimit::{Quota, RateLimiter};
 
 use crate::config::{GatewayConfig, RateLimitConfig, RouteConfig};
+use crate::cors::Cors;
+use crate::metrics::{GatewayMetrics, InstanceMetrics, RouteMetrics};
 
-/// What a route forwards to: the upstream authority (`host:port`).
-pub(crate) type Upstream = String;
+/// What a route forwards to: one instance's authority (`host:port`), with its metric
+/// handles.
+#[derive(Debug)]
+pub(crate) struct Upstream {
+    pub(crate) authority: http::uri::Authority,
+    /// `authority` as a `Host` header value.
+    pub(crate) host: HeaderValue,
+    pub(crate) metrics: Option<InstanceMetrics>,
+}
 
 /// A route ready for matching.
 #[derive(Debug)]
@@ -34,6 +43,9 @@ pub(crate) struct Route {
     pub(crate) rate_class: Option<String>,
     pub(crate) authenticate: bool,
     pub(crate) authorize: bool,
+    /// The route's CORS, or the gateway's.
+    pub(crate) cors: Option<Cors>,
+    pub(crate) metrics: Option<RouteMetrics>,
 }
 
 /// All routes, most specific first, with the rate limiter their quotas live in.
@@ -49,8 +61,8 @@ fn quota(config: &RateLimitConfig) -> Option<Quota> {
 
 impl RouteTable {
     /// Compiles a validated gateway configuration's routes.
-    pub(crate) fn from_config(config: &GatewayConfig) -> Self {
-        Self::build(config, &config.routes)
+    pub(crate) fn from_config(config: &GatewayConfig, metrics: Option<&GatewayMetrics>) -> Self {
+        Self::build(config, &config.routes, metrics)
     }
 
     /// Compiles validated route configs with the gateway's defaults.
@@ -59,10 +71,14 @@ impl RouteTable {
             load_balancer: default_lb,
             ..GatewayConfig::default()
         };
-        Self::build(&gateway, configs)
+        Self::build(&gateway, configs, None)
     }
 
-    fn build(gateway: &GatewayConfig, configs: &[RouteConfig]) -> Self {
+    fn build(
+        gateway: &GatewayConfig,
+        configs: &[RouteConfig],
+        metrics: Option<&GatewayMetrics>,
+    ) -> Self {
         let global_rate = gateway
             .rate_limiting
             .as_ref()
@@ -141,6 +157,12 @@ impl RouteTable {
                     rate_class,
                     authenticate: config.uses("authentication", auth_enabled),
                     authorize: config.authorization.is_some() && config.uses("authorization", true),
+                    cors: config
+                        .cors
+                        .as_ref()
+                        .or(gateway.cors.as_ref())
+                        .map(Cors::new),
+                    metrics: metrics.map(|m| m.route(&config.path, &config.service)),
                     config: config.clone(),
                 }
             })
@@ -179,9 +201,21 @@ impl RouteTable {
         path: &str,
         headers: &HeaderMap,
     ) -> Option<&Route> {
+        self.find_index(method, host, path, headers).map(|(_, r)| r)
+    }
+
+    /// The route for a request and its index in `routes`, if any.
+    pub(crate) fn find_index(
+        &self,
+        method: &Method,
+        host: Option<&str>,
+        path: &str,
+        headers: &HeaderMap,
+    ) -> Option<(usize, &Route)> {
         self.routes
             .iter()
-            .find(|r| r.matches(method, host, path, headers))
+            .enumerate()
+            .find(|(_, r)| r.matches(method, host, path, headers))
     }
 }
 

@@ -14,7 +14,8 @@ use tokio::task::JoinHandle;
 use trellis_registry::ServiceRegistry;
 
 use crate::config::{ConfigError, GatewayConfig};
-use crate::proxy::{State, handle};
+use crate::framing::{Framing, Sniffed};
+use crate::proxy::{Peer, State, handle};
 use crate::route::RouteTable;
 
 /// How long shutdown waits for in-flight requests.
@@ -137,9 +138,10 @@ impl RunningGateway {
     /// and authentication keys stay as they were at start.
     pub fn reload(&self, config: GatewayConfig) -> Result<(), GatewayError> {
         let config = config.validate()?;
-        self.state
-            .table
-            .store(Arc::new(RouteTable::from_config(&config)));
+        self.state.table.store(Arc::new(RouteTable::from_config(
+            &config,
+            self.state.metrics.as_ref(),
+        )));
         tracing::info!(routes = config.routes.len(), "gateway routes reloaded");
         Ok(())
     }
@@ -176,7 +178,13 @@ async fn accept_loop(listener: TcpListener, state: Arc<State>, mut stopped: ones
                 };
                 let _ = stream.set_nodelay(true);
                 let state = state.clone();
-                let service = service_fn(move |request| handle(state.clone(), request, remote));
+                let framing = Framing::new();
+                let stream = Sniffed::new(stream, framing.clone(), state.limits.max_header_bytes);
+                let peer = Arc::new(Peer::new(remote));
+                let service = service_fn(move |request| {
+                    let ambiguous = framing.next_is_ambiguous();
+                    handle(state.clone(), request, peer.clone(), ambiguous)
+                });
                 let connection = builder
                     .serve_connection_with_upgrades(TokioIo::new(stream), service)
                     .into_owned();
