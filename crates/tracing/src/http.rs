@@ -1,0 +1,185 @@
+//! Automatic spans for HTTP: the gateway's server span and the service client's span.
+//!
+//! Attribute names follow the OpenTelemetry HTTP semantic conventions (`http.route`,
+//! `http.response.status_code`, …), plus `trellis.service` and `trellis.upstream.instance`
+//! for the gateway's routing decision.
+
+use std::borrow::Cow;
+use std::ops::Deref;
+
+use http::{HeaderMap, Method};
+use opentelemetry::Context;
+use opentelemetry::trace::SpanKind;
+
+use crate::tracer::{DistributedTracer, Span};
+
+/// A server span for one incoming request (kind `server`), parented by the trace context
+/// in the request headers, or a new root when there is none or it is malformed.
+#[derive(Debug)]
+pub struct HttpServerSpan {
+    span: Span,
+    method: Method,
+}
+
+/// A client span for one outgoing request (kind `client`); its context is already in the
+/// request headers.
+#[derive(Debug)]
+pub struct HttpClientSpan {
+    span: Span,
+}
+
+impl DistributedTracer {
+    /// Starts the server span for a request with `method`, `path` and `headers` (the
+    /// gateway's automatic span). Set the route and upstream once known, then
+    /// [`finish`](HttpServerSpan::finish) with the status.
+    pub fn http_server_span(
+        &self,
+        method: &Method,
+        path: &str,
+        headers: &HeaderMap,
+    ) -> HttpServerSpan {
+        if !self.is_enabled() {
+            return HttpServerSpan {
+                span: self.span("").start(),
+                method: method.clone(),
+            };
+        }
+        let parent = self.propagator().extract_headers(headers);
+        let span = self
+            .span(method_name(method))
+            .child_of(&parent)
+            .kind(SpanKind::Server)
+            .start();
+        // Tags only when recorded: an unsampled request allocates nothing for them.
+        if span.is_recording() {
+            span.set_tag("http.request.method", method.as_str().to_owned());
+            span.set_tag("url.path", path.to_owned());
+        }
+        HttpServerSpan {
+            span,
+            method: method.clone(),
+        }
+    }
+
+    /// Starts a client span for a request to `url` with `method`, child of the current
+    /// context, and writes its trace context into `headers` (the service client's
+    /// automatic span).
+    pub fn http_client_span(
+        &self,
+        method: &Method,
+        url: &str,
+        headers: &mut HeaderMap,
+    ) -> HttpClientSpan {
+        self.http_client_span_with_parent(&Context::current(), method, url, headers)
+    }
+
+    /// Same as [`http_client_span`](Self::http_client_span) with an explicit parent.
+    pub fn http_client_span_with_parent(
+        &self,
+        parent: &Context,
+        method: &Method,
+        url: &str,
+        headers: &mut HeaderMap,
+    ) -> HttpClientSpan {
+        if !self.is_enabled() {
+            return HttpClientSpan {
+                span: self.span("").start(),
+            };
+        }
+        let span = self
+            .span(method_name(method))
+            .child_of(parent)
+            .kind(SpanKind::Client)
+            .start();
+        if span.is_recording() {
+            span.set_tag("http.request.method", method.as_str().to_owned());
+            span.set_tag("url.full", url.to_owned());
+        }
+        self.propagator().inject_headers(span.context(), headers);
+        HttpClientSpan { span }
+    }
+}
+
+/// The span name for `method`, without allocating for the standard methods.
+fn method_name(method: &Method) -> Cow<'static, str> {
+    match *method {
+        Method::GET => Cow::Borrowed("GET"),
+        Method::POST => Cow::Borrowed("POST"),
+        Method::PUT => Cow::Borrowed("PUT"),
+        Method::DELETE => Cow::Borrowed("DELETE"),
+        Method::PATCH => Cow::Borrowed("PATCH"),
+        Method::HEAD => Cow::Borrowed("HEAD"),
+        Method::OPTIONS => Cow::Borrowed("OPTIONS"),
+        _ => Cow::Owned(method.as_str().to_owned()),
+    }
+}
+
+impl HttpServerSpan {
+    /// Records the matched route template (`/users/{id}`) and names the span
+    /// `METHOD route`.
+    pub fn set_route(&self, route: &str) {
+        if self.span.is_recording() {
+            self.span.set_tag("http.route", route.to_owned());
+            self.span.set_name(format!("{} {route}", self.method));
+        }
+    }
+
+    /// Records the service the request was routed to.
+    pub fn set_service(&self, service: &str) {
+        if self.span.is_recording() {
+            self.span.set_tag("trellis.service", service.to_owned());
+        }
+    }
+
+    /// Records the instance (`host:port` or id) that served the request.
+    pub fn set_upstream(&self, instance: &str) {
+        if self.span.is_recording() {
+            self.span
+                .set_tag("trellis.upstream.instance", instance.to_owned());
+        }
+    }
+
+    /// Records the response status (5xx marks the span failed) and ends the span.
+    pub fn finish(self, status: u16) {
+        self.span
+            .set_tag("http.response.status_code", i64::from(status));
+        if status >= 500 {
+            self.span.set_error(format_args!("HTTP {status}"));
+        }
+    }
+
+    /// Marks the request failed without a response (`error` names why) and ends the span.
+    pub fn fail(self, error: impl std::fmt::Display) {
+        self.span.set_error(error);
+    }
+}
+
+impl HttpClientSpan {
+    /// Records the response status (4xx and 5xx mark the span failed) and ends the span.
+    pub fn finish(self, status: u16) {
+        self.span
+            .set_tag("http.response.status_code", i64::from(status));
+        if status >= 400 {
+            self.span.set_error(format_args!("HTTP {status}"));
+        }
+    }
+
+    /// Marks the call failed without a response (`error` names why) and ends the span.
+    pub fn fail(self, error: impl std::fmt::Display) {
+        self.span.set_error(error);
+    }
+}
+
+impl Deref for HttpServerSpan {
+    type Target = Span;
+    fn deref(&self) -> &Span {
+        &self.span
+    }
+}
+
+impl Deref for HttpClientSpan {
+    type Target = Span;
+    fn deref(&self) -> &Span {
+        &self.span
+    }
+}

@@ -1,0 +1,635 @@
+//! [`DistributedTracer`] — the seed's tracer — and its [`Span`]s.
+
+use std::borrow::Cow;
+use std::fmt;
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use opentelemetry::context::{ContextGuard, FutureExt, WithContext};
+use opentelemetry::trace::{
+    Link, SpanBuilder, SpanContext, SpanKind, Status, TraceContextExt, Tracer as _,
+    TracerProvider as _,
+};
+use opentelemetry::{Context, Key, KeyValue, Value};
+use opentelemetry_sdk::Resource;
+use opentelemetry_sdk::trace::{Sampler, SdkTracer, SdkTracerProvider, SpanExporter};
+
+use crate::buffer::{BufferProcessor, TraceBuffer};
+use crate::config::{B3Encoding, Protocol, TracingConfig};
+use crate::error::{Result, TracingError};
+use crate::export::{BatchOptions, BoundedBatchProcessor, ExportStats};
+use crate::propagation::Propagator;
+
+/// Creates spans for one service, samples them, and sends the sampled ones to the
+/// in-memory [`TraceBuffer`] and/or an OTLP collector.
+///
+/// Cheap to clone. [`DistributedTracer::disabled`] makes every span a no-op.
+#[derive(Clone)]
+pub struct DistributedTracer {
+    inner: Option<Arc<Inner>>,
+    propagator: Arc<Propagator>,
+}
+
+struct Inner {
+    provider: SdkTracerProvider,
+    tracer: SdkTracer,
+    service: Arc<str>,
+    stats: ExportStats,
+    exporting: bool,
+}
+
+impl fmt::Debug for DistributedTracer {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("DistributedTracer")
+            .field("service", &self.service_name())
+            .field("enabled", &self.inner.is_some())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        // The last clone flushes what is queued, within the flush timeout.
+        let _ = self.provider.shutdown();
+    }
+}
+
+impl DistributedTracer {
+    /// A builder for service `service_name`.
+    pub fn builder(service_name: impl Into<String>) -> TracerBuilder {
+        TracerBuilder {
+            service: service_name.into(),
+            sampling_rate: 1.0,
+            buffer: None,
+            b3: B3Encoding::Multi,
+            options: BatchOptions {
+                queue_size: 2048,
+                max_batch: 512,
+                batch_interval: Duration::from_secs(1),
+                flush_timeout: Duration::from_secs(5),
+            },
+            export_timeout: Duration::from_secs(5),
+            exporter: None,
+        }
+    }
+
+    /// A tracer from the `[tracing]` table (validated here), keeping spans in `buffer`
+    /// when given. A disabled config gives [`DistributedTracer::disabled`].
+    pub fn from_config(config: &TracingConfig, buffer: Option<TraceBuffer>) -> Result<Self> {
+        let config = config.clone().validate()?;
+        if !config.enabled {
+            return Ok(DistributedTracer::disabled());
+        }
+        let mut builder = DistributedTracer::builder(config.service_name.trim())
+            .sampling_rate(config.sampling_rate)
+            .b3(config.b3)
+            .queue_size(config.queue_size)
+            .max_batch(config.max_batch)
+            .batch_interval(config.batch_interval.get())
+            .export_timeout(config.export_timeout.get());
+        if let Some(buffer) = buffer {
+            builder = builder.buffer(buffer);
+        }
+        if let Some(endpoint) = &config.endpoint {
+            builder = builder.otlp(endpoint, config.protocol)?;
+        }
+        builder.build()
+    }
+
+    /// A tracer that does nothing: spans are no-ops with an empty context, headers are
+    /// neither read nor written (a proxy that forwards headers still passes them on).
+    pub fn disabled() -> Self {
+        DistributedTracer {
+            inner: None,
+            propagator: Arc::new(Propagator::default()),
+        }
+    }
+
+    /// Whether spans are recorded (sampling aside).
+    pub fn is_enabled(&self) -> bool {
+        self.inner.is_some()
+    }
+
+    /// The service name spans are reported under (empty when disabled).
+    pub fn service_name(&self) -> &str {
+        self.inner.as_ref().map_or("", |i| &i.service)
+    }
+
+    /// Export counters (all zero without an exporter).
+    pub fn stats(&self) -> ExportStats {
+        self.inner
+            .as_ref()
+            .map(|i| i.stats.clone())
+            .unwrap_or_default()
+    }
+
+    /// Whether sampled spans go to an exporter.
+    pub fn is_exporting(&self) -> bool {
+        self.inner.as_ref().is_some_and(|i| i.exporting)
+    }
+
+    /// The propagator used by this tracer's helpers.
+    pub fn propagator(&self) -> &Propagator {
+        &self.propagator
+    }
+
+    /// The OpenTelemetry tracer, for `tracing-opentelemetry` or direct use; `None` when
+    /// disabled.
+    pub fn otel_tracer(&self) -> Option<SdkTracer> {
+        self.inner.as_ref().map(|i| i.tracer.clone())
+    }
+
+    /// The OpenTelemetry tracer provider; `None` when disabled.
+    pub fn provider(&self) -> Option<SdkTracerProvider> {
+        self.inner.as_ref().map(|i| i.provider.clone())
+    }
+
+    /// Exports everything finished so far and waits for it (at most the flush timeout).
+    pub fn flush(&self) {
+        if let Some(inner) = &self.inner {
+            let _ = inner.provider.force_flush();
+        }
+    }
+
+    /// Starts a span named `name`, child of the current context (`Context::current()`,
+    /// which an entered `tracing` span or [`Span::in_scope`] sets), or a new root.
+    pub fn start_span(&self, name: impl Into<Cow<'static, str>>) -> Span {
+        self.span(name).start()
+    }
+
+    /// Starts a span named `name` as a child of `parent` — the seed's
+    /// `startSpan(name, { childOf: parent })`.
+    pub fn start_child(&self, name: impl Into<Cow<'static, str>>, parent: &Span) -> Span {
+        self.span(name).child_of(parent.context()).start()
+    }
+
+    /// A span builder, for a parent context, kind, tags or links.
+    pub fn span(&self, name: impl Into<Cow<'static, str>>) -> SpanStart<'_> {
+        SpanStart {
+            tracer: self,
+            builder: self
+                .inner
+                .as_ref()
+                .map(|_| SpanBuilder::from_name(name.into())),
+            parent: None,
+        }
+    }
+
+    /// A `tracing-subscriber` layer that turns plain `tracing` spans into spans of this
+    /// tracer; `None` when disabled.
+    pub fn layer<S>(&self) -> Option<tracing_opentelemetry::OpenTelemetryLayer<S, SdkTracer>>
+    where
+        S: tracing::Subscriber + for<'span> tracing_subscriber::registry::LookupSpan<'span>,
+    {
+        self.otel_tracer()
+            .map(|tracer| tracing_opentelemetry::layer().with_tracer(tracer))
+    }
+}
+
+/// Builds a [`DistributedTracer`].
+#[must_use]
+pub struct TracerBuilder {
+    service: String,
+    sampling_rate: f64,
+    buffer: Option<TraceBuffer>,
+    b3: B3Encoding,
+    options: BatchOptions,
+    export_timeout: Duration,
+    exporter: Option<StartExport>,
+}
+
+type StartExport =
+    Box<dyn FnOnce(Resource, BatchOptions, ExportStats) -> Result<BoundedBatchProcessor> + Send>;
+
+impl fmt::Debug for TracerBuilder {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("TracerBuilder")
+            .field("service", &self.service)
+            .field("sampling_rate", &self.sampling_rate)
+            .finish_non_exhaustive()
+    }
+}
+
+impl TracerBuilder {
+    /// Fraction of new traces recorded (0.0–1.0); children follow their parent. Defaults
+    /// to 1.0.
+    pub fn sampling_rate(mut self, rate: f64) -> Self {
+        self.sampling_rate = rate;
+        self
+    }
+
+    /// Keeps sampled spans in `buffer` (the admin `/v1/traces` view). Defaults to none.
+    pub fn buffer(mut self, buffer: TraceBuffer) -> Self {
+        self.buffer = Some(buffer);
+        self
+    }
+
+    /// B3 headers written on outgoing requests. Defaults to [`B3Encoding::Multi`].
+    pub fn b3(mut self, b3: B3Encoding) -> Self {
+        self.b3 = b3;
+        self
+    }
+
+    /// Export queue capacity; spans beyond it are dropped and counted. Defaults to 2048.
+    pub fn queue_size(mut self, size: usize) -> Self {
+        self.options.queue_size = size.max(1);
+        self
+    }
+
+    /// Most spans per export request. Defaults to 512.
+    pub fn max_batch(mut self, size: usize) -> Self {
+        self.options.max_batch = size.max(1);
+        self
+    }
+
+    /// Longest wait to fill a batch. Defaults to 1 s.
+    pub fn batch_interval(mut self, interval: Duration) -> Self {
+        self.options.batch_interval = interval.max(Duration::from_millis(1));
+        self
+    }
+
+    /// Timeout of one export request, and of flush on shutdown. Defaults to 5 s.
+    pub fn export_timeout(mut self, timeout: Duration) -> Self {
+        self.export_timeout = timeout;
+        self.options.flush_timeout = timeout;
+        self
+    }
+
+    /// Sends sampled spans to `exporter`, through the bounded batch queue.
+    pub fn exporter<E: SpanExporter + Send + 'static>(mut self, exporter: E) -> Self {
+        self.exporter = Some(Box::new(move |resource, options, stats| {
+            BoundedBatchProcessor::start(move || Ok(exporter), resource, options, stats)
+        }));
+        self
+    }
+
+    /// Exports to the OTLP collector at `endpoint` (a base URL such as
+    /// `http://127.0.0.1:4318`; `/v1/traces` is appended when it has no path).
+    ///
+    /// Fails when the endpoint is malformed, the protocol is not built in (gRPC), or this
+    /// crate was built without the `otlp` feature.
+    pub fn otlp(mut self, endpoint: &str, protocol: Protocol) -> Result<Self> {
+        crate::config::check_endpoint(endpoint)?;
+        if protocol == Protocol::Grpc {
+            return Err(TracingError::FeatureDisabled {
+                what: "OTLP over gRPC",
+                feature: "otlp-grpc",
+            });
+        }
+        self.exporter = Some(otlp_http(endpoint)?);
+        Ok(self)
+    }
+
+    /// Builds the tracer; fails on a sampling rate outside 0.0–1.0, an empty service name,
+    /// or an exporter that cannot start.
+    pub fn build(self) -> Result<DistributedTracer> {
+        let service = self.service.trim();
+        if service.is_empty() {
+            return Err(TracingError::InvalidConfig {
+                field: "service_name",
+                reason: "must not be empty".into(),
+            });
+        }
+        if !(0.0..=1.0).contains(&self.sampling_rate) {
+            return Err(TracingError::InvalidConfig {
+                field: "sampling_rate",
+                reason: format!("{} is not between 0.0 and 1.0", self.sampling_rate),
+            });
+        }
+        let service: Arc<str> = Arc::from(service);
+        let resource = Resource::builder_empty()
+            .with_service_name(service.to_string())
+            .with_attributes([
+                KeyValue::new("telemetry.sdk.language", "rust"),
+                KeyValue::new("telemetry.sdk.name", "trellis-tracing"),
+            ])
+            .build();
+        let stats = ExportStats::default();
+        let mut provider = SdkTracerProvider::builder()
+            .with_sampler(Sampler::ParentBased(Box::new(Sampler::TraceIdRatioBased(
+                self.sampling_rate,
+            ))))
+            .with_resource(resource.clone());
+        if let Some(buffer) = self.buffer {
+            provider = provider.with_span_processor(BufferProcessor {
+                buffer,
+                service: service.clone(),
+            });
+        }
+        let exporting = self.exporter.is_some();
+        if let Some(start) = self.exporter {
+            let mut options = self.options;
+            options.flush_timeout = self.export_timeout.max(Duration::from_millis(1));
+            provider = provider.with_span_processor(start(resource, options, stats.clone())?);
+        }
+        let provider = provider.build();
+        let tracer = provider.tracer("trellis-tracing");
+        Ok(DistributedTracer {
+            inner: Some(Arc::new(Inner {
+                provider,
+                tracer,
+                service,
+                stats,
+                exporting,
+            })),
+            propagator: Arc::new(Propagator::new(self.b3)),
+        })
+    }
+}
+
+#[cfg(feature = "otlp")]
+fn otlp_http(endpoint: &str) -> Result<StartExport> {
+    use opentelemetry_otlp::WithExportConfig;
+    let url = crate::config::traces_url(endpoint);
+    Ok(Box::new(move |resource, options, stats| {
+        let timeout = options.flush_timeout;
+        BoundedBatchProcessor::start(
+            move || {
+                opentelemetry_otlp::SpanExporter::builder()
+                    .with_http()
+                    .with_endpoint(url.clone())
+                    .with_timeout(timeout)
+                    .build()
+                    .map_err(|e| TracingError::Exporter {
+                        endpoint: url,
+                        reason: e.to_string(),
+                    })
+            },
+            resource,
+            options,
+            stats,
+        )
+    }))
+}
+
+#[cfg(not(feature = "otlp"))]
+fn otlp_http(_endpoint: &str) -> Result<StartExport> {
+    Err(TracingError::FeatureDisabled {
+        what: "OTLP export",
+        feature: "otlp",
+    })
+}
+
+/// Options for a span about to start; see [`DistributedTracer::span`].
+#[must_use = "call .start() to start the span"]
+pub struct SpanStart<'a> {
+    tracer: &'a DistributedTracer,
+    /// `None` when the tracer is disabled: nothing is collected.
+    builder: Option<SpanBuilder>,
+    parent: Option<Context>,
+}
+
+impl fmt::Debug for SpanStart<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("SpanStart").finish_non_exhaustive()
+    }
+}
+
+impl SpanStart<'_> {
+    /// Makes the span a child of `parent` (a [`Span::context`], or an extracted context).
+    /// Defaults to the current context.
+    pub fn child_of(mut self, parent: &Context) -> Self {
+        self.parent = Some(parent.clone());
+        self
+    }
+
+    /// Makes the span a root, whatever the current context.
+    pub fn root(mut self) -> Self {
+        self.parent = Some(Context::new());
+        self
+    }
+
+    /// Span kind. Defaults to internal.
+    pub fn kind(mut self, kind: SpanKind) -> Self {
+        if let Some(b) = &mut self.builder {
+            b.span_kind = Some(kind);
+        }
+        self
+    }
+
+    /// A tag set at start (visible to the sampler).
+    pub fn tag(mut self, key: impl Into<Key>, value: impl Into<Value>) -> Self {
+        if let Some(b) = &mut self.builder {
+            b.attributes
+                .get_or_insert_with(Vec::new)
+                .push(KeyValue::new(key, value));
+        }
+        self
+    }
+
+    /// Links the span to another one (for example the producer of an event).
+    pub fn link(mut self, span_context: SpanContext) -> Self {
+        if let Some(b) = &mut self.builder
+            && span_context.is_valid()
+        {
+            b.links
+                .get_or_insert_with(Vec::new)
+                .push(Link::with_context(span_context));
+        }
+        self
+    }
+
+    /// Starts the span.
+    pub fn start(self) -> Span {
+        match (&self.tracer.inner, self.builder) {
+            (Some(inner), Some(builder)) => {
+                let parent = self.parent.unwrap_or_else(Context::current);
+                let span = inner.tracer.build_with_context(builder, &parent);
+                Span {
+                    cx: parent.with_span(span),
+                    owned: true,
+                }
+            }
+            _ => Span {
+                cx: Context::new(),
+                owned: false,
+            },
+        }
+    }
+}
+
+/// A unit of work in a trace. Ends when [`finish`](Span::finish)ed or dropped.
+///
+/// All setters are no-ops on spans that are not sampled or come from a disabled tracer.
+pub struct Span {
+    cx: Context,
+    /// False when the tracer is disabled (`cx` is then empty).
+    owned: bool,
+}
+
+impl fmt::Debug for Span {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let span = self.cx.span();
+        let sc = span.span_context();
+        f.debug_struct("Span")
+            .field("trace_id", &sc.trace_id())
+            .field("span_id", &sc.span_id())
+            .field("sampled", &sc.is_sampled())
+            .finish()
+    }
+}
+
+impl Span {
+    /// The context holding this span: the parent for children and what gets injected into
+    /// outgoing headers.
+    pub fn context(&self) -> &Context {
+        &self.cx
+    }
+
+    /// The span's ids and sampling flag.
+    pub fn span_context(&self) -> SpanContext {
+        self.cx.span().span_context().clone()
+    }
+
+    /// The trace id as 32 hex digits (all zeros when there is no trace).
+    pub fn trace_id(&self) -> String {
+        self.cx.span().span_context().trace_id().to_string()
+    }
+
+    /// The span id as 16 hex digits.
+    pub fn span_id(&self) -> String {
+        self.cx.span().span_context().span_id().to_string()
+    }
+
+    /// Whether the span will be exported.
+    pub fn is_sampled(&self) -> bool {
+        self.owned && self.cx.span().span_context().is_sampled()
+    }
+
+    /// Whether setters record anything (sampled and not finished).
+    pub fn is_recording(&self) -> bool {
+        self.owned && self.cx.span().is_recording()
+    }
+
+    /// Sets a tag — the seed's `setTag`.
+    pub fn set_tag(&self, key: impl Into<Key>, value: impl Into<Value>) {
+        if self.owned {
+            self.cx.span().set_attribute(KeyValue::new(key, value));
+        }
+    }
+
+    /// Renames the span (for example once the route is known).
+    pub fn set_name(&self, name: impl Into<Cow<'static, str>>) {
+        if self.owned {
+            self.cx.span().update_name(name.into());
+        }
+    }
+
+    /// Adds a log line — the seed's `log`.
+    pub fn log(&self, message: impl Into<Cow<'static, str>>) {
+        if self.owned {
+            self.cx.span().add_event(message, Vec::new());
+        }
+    }
+
+    /// Adds a log with fields — the seed's `log({ error: … })`.
+    pub fn log_fields(
+        &self,
+        name: impl Into<Cow<'static, str>>,
+        fields: impl IntoIterator<Item = (&'static str, Value)>,
+    ) {
+        if self.owned && self.is_recording() {
+            let fields = fields
+                .into_iter()
+                .map(|(k, v)| KeyValue::new(k, v))
+                .collect();
+            self.cx.span().add_event(name, fields);
+        }
+    }
+
+    /// Marks the span failed: tag `error=true`, an `exception` log with the message, and
+    /// an error status — the seed's `setTag('error', true); log({ error })`.
+    pub fn set_error(&self, message: impl fmt::Display) {
+        if self.owned && self.is_recording() {
+            let message = message.to_string();
+            let span = self.cx.span();
+            span.set_attribute(KeyValue::new("error", true));
+            span.add_event(
+                "exception",
+                vec![KeyValue::new("exception.message", message.clone())],
+            );
+            span.set_status(Status::error(message));
+        }
+    }
+
+    /// Marks the span successful (overrides an earlier error status).
+    pub fn set_ok(&self) {
+        if self.owned {
+            self.cx.span().set_status(Status::Ok);
+        }
+    }
+
+    /// Links this span to another one.
+    pub fn add_link(&self, span_context: SpanContext) {
+        if self.owned && span_context.is_valid() {
+            self.cx.span().add_link(span_context, Vec::new());
+        }
+    }
+
+    /// Ends the span now — the seed's `finish`. Dropping it does the same.
+    pub fn finish(self) {
+        drop(self);
+    }
+
+    /// Makes this span the current context until the guard drops (synchronous code).
+    pub fn enter(&self) -> ContextGuard {
+        self.cx.clone().attach()
+    }
+
+    /// Runs `future` with this span as its current context, so spans started inside (store
+    /// operations, client calls, `tracing` spans) become its children.
+    pub fn in_scope<F: Future>(&self, future: F) -> WithContext<F> {
+        future.with_context(self.cx.clone())
+    }
+}
+
+impl Drop for Span {
+    fn drop(&mut self) {
+        if self.owned {
+            self.cx.span().end();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unsupported_export_settings_are_refused_by_name() {
+        let err = DistributedTracer::builder("x")
+            .otlp("http://127.0.0.1:4317", Protocol::Grpc)
+            .err()
+            .unwrap();
+        assert!(err.to_string().contains("otlp-grpc"), "{err}");
+        let err = DistributedTracer::builder("x")
+            .otlp("localhost:4318", Protocol::HttpProtobuf)
+            .err()
+            .unwrap();
+        assert!(err.to_string().contains("endpoint"), "{err}");
+        let result =
+            DistributedTracer::builder("x").otlp("http://127.0.0.1:4318", Protocol::HttpProtobuf);
+        if cfg!(feature = "otlp") {
+            assert!(result.is_ok());
+        } else {
+            let err = result.err().unwrap();
+            assert!(err.to_string().contains("`otlp` feature"), "{err}");
+        }
+        let err = DistributedTracer::builder(" ").build().unwrap_err();
+        assert!(err.to_string().contains("service_name"), "{err}");
+    }
+
+    #[test]
+    fn from_config_disabled_gives_a_noop_tracer() {
+        let config = TracingConfig {
+            enabled: false,
+            ..TracingConfig::default()
+        };
+        let tracer = DistributedTracer::from_config(&config, Some(TraceBuffer::new(10))).unwrap();
+        assert!(!tracer.is_enabled());
+        let span = tracer.start_span("x");
+        span.set_tag("k", "v");
+        assert!(!span.is_sampled());
+    }
+}
