@@ -14,9 +14,29 @@
 //!   [`trellis_mesh`]) and a `Service`, as multi-document YAML — what
 //!   `trellis deploy NAME --platform kubernetes --dry-run` prints.
 //!
-//! It does not (yet) start, apply or supervise anything: the local supervisor, Kubernetes
-//! server-side apply, the Docker Engine and ECS clients and blue-green switching build on
-//! these types.
+//! With the `local` feature (on by default) it also runs them: [`ServiceDeployer`] deploys,
+//! reports on and undeploys services — on the local platform as child processes it
+//! supervises (restart with backoff, SIGTERM then SIGKILL) and registers in the
+//! [`ServiceRegistry`](trellis_registry::ServiceRegistry) once ready — and
+//! [`blue_green_deploy`](ServiceDeployer::blue_green_deploy) starts a new version beside the
+//! old, splits traffic through the instances' `weight` metadata (the gateway's `weighted`
+//! balancer), judges it from the gateway's per-version metrics, and promotes or rolls back,
+//! recording every [`Decision`] with its figures (see [`bluegreen`]).
+//!
+//! The other platforms plug into the same [`ServiceDeployer`] as a [`PlatformBackend`],
+//! each behind its feature:
+//!
+//! - `kubernetes`: `KubernetesApplier` server-side applies the rendered manifests and
+//!   follows the rollout; `KubernetesBackend` is its [`PlatformBackend`].
+//! - `docker`: `DockerDeployer` runs one container per replica through the Docker Engine
+//!   API (Docker or podman), waits until healthy and registers them; `DockerBackend` is
+//!   its [`PlatformBackend`].
+//! - `ecs`: `render_ecs` renders the ECS task and service definitions and
+//!   `EcsCredentials` finds AWS credentials. Sending them to AWS is the
+//!   `trellis-deploy-ecs` crate, so that the AWS SDK is compiled only by those who use it.
+//!
+//! It is not a cluster scheduler: the local platform supervises processes on this machine
+//! only, does not enforce cpu or memory, and blue-green runs on the local platform only.
 //!
 //! ```
 //! use trellis_deploy::{DeploySpec, KubernetesOptions, Platform, render_kubernetes};
@@ -57,3 +77,44 @@ pub use image::{ImageReference, Registry};
 pub use kubernetes::{KubernetesOptions, render_kubernetes};
 pub use quantity::{Quantity, QuantityFormat};
 pub use spec::{DeploySpec, HealthCheck, Platform, Resources};
+
+#[cfg(feature = "kubernetes")]
+pub mod kube_apply;
+#[cfg(all(feature = "kubernetes", feature = "local"))]
+pub use kube_apply::KubernetesBackend;
+#[cfg(feature = "kubernetes")]
+pub use kube_apply::{
+    AppliedManifests, KubernetesApplier, KubernetesManifests, RolloutStatus, kubernetes_manifests,
+};
+#[cfg(feature = "docker")]
+pub mod docker;
+#[cfg(all(feature = "docker", feature = "local"))]
+pub use docker::DockerBackend;
+#[cfg(feature = "docker")]
+pub use docker::{
+    DockerCall, DockerContainer, DockerDeployer, DockerDeployment, DockerOptions, render_docker,
+    render_docker_json,
+};
+#[cfg(feature = "ecs")]
+pub mod ecs;
+#[cfg(feature = "ecs")]
+pub use ecs::{EcsCredentials, EcsDefinitions, EcsOptions, LaunchType, render_ecs};
+
+#[cfg(feature = "local")]
+pub mod bluegreen;
+#[cfg(feature = "local")]
+mod deployer;
+#[cfg(feature = "local")]
+mod local;
+#[cfg(feature = "local")]
+pub use bluegreen::metrics::{
+    BoxFuture, Figures, MetricsSource, PrometheusScrape, VersionSample, parse_exposition,
+};
+#[cfg(feature = "local")]
+pub use bluegreen::{
+    Action, AnalysisOptions, BlueGreenOptions, BlueGreenReport, Decision, Outcome, TrafficSplit,
+};
+#[cfg(feature = "local")]
+pub use deployer::{Deployment, PlatformBackend, ServiceDeployer, ServiceDeployerBuilder};
+#[cfg(feature = "local")]
+pub use local::{LocalOptions, LocalProcess, ReplicaPhase, ReplicaStatus, render_local};
