@@ -44,6 +44,7 @@ struct StateInner {
     metrics: Arc<Metrics>,
     token: Option<String>,
     gateway: Option<trellis_gateway::GatewayInspector>,
+    extra: Option<Router>,
 }
 
 impl AdminState {
@@ -52,6 +53,20 @@ impl AdminState {
     pub fn with_gateway(mut self, gateway: trellis_gateway::GatewayInspector) -> Self {
         if let Some(inner) = Arc::get_mut(&mut self.inner) {
             inner.gateway = Some(gateway);
+        }
+        self
+    }
+
+    /// Serves `routes` (full paths, e.g. `/v1/sagas…` or `/v1/traces…`) beside the built-in
+    /// ones, behind the same token check, request metrics and body limit. Call it before
+    /// the state is cloned; later calls add to the earlier routes.
+    #[must_use]
+    pub fn with_routes(mut self, routes: Router) -> Self {
+        if let Some(inner) = Arc::get_mut(&mut self.inner) {
+            inner.extra = Some(match inner.extra.take() {
+                Some(extra) => extra.merge(routes),
+                None => routes,
+            });
         }
         self
     }
@@ -75,6 +90,7 @@ impl AdminState {
                 metrics,
                 token,
                 gateway: None,
+                extra: None,
             }),
         }
     }
@@ -93,6 +109,7 @@ impl AdminState {
 /// The admin API router.
 pub fn router(state: AdminState) -> Router {
     let monitor = state.inner.monitor.clone();
+    let extra = state.inner.extra.clone().unwrap_or_default();
     Router::new()
         .route("/v1/services", get(list_services))
         .route("/v1/services/{service}/instances", get(list_instances))
@@ -113,6 +130,8 @@ pub fn router(state: AdminState) -> Router {
         .with_state(state.clone())
         // GET /health, /health/live, /health/ready
         .merge(monitor.router())
+        // Sagas, traces: routers of other crates, under the same checks.
+        .merge(extra)
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(axum::middleware::from_fn_with_state(
@@ -121,6 +140,9 @@ pub fn router(state: AdminState) -> Router {
         ))
         .layer(axum::middleware::from_fn_with_state(state, track))
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
+        // After the layers: the dashboard's files hold no data and need no token; its API
+        // calls do.
+        .merge(crate::dashboard::dashboard_router())
 }
 
 async fn not_found(request: Request) -> ApiError {

@@ -18,6 +18,7 @@
 //! | `GET /v1/config/{service}/watch?env=E&after=N&timeout=30s` | long poll for the next version |
 //! | `GET /health`, `/health/live`, `/health/ready` | health |
 //! | `GET /metrics` | Prometheus text format |
+//! | `GET /dashboard/` (`/` redirects there) | the admin dashboard (see [`dashboard_router`]) |
 //!
 //! Durations in bodies are a number of milliseconds or a string such as `"500ms"`, `"10s"`,
 //! `"1m"`, `"1h"`. Errors are `{"error": "...", "detail": "..."}`: 400 for bad input (the
@@ -35,12 +36,14 @@
 //! ```
 
 mod api;
+mod dashboard;
 mod error;
 mod metrics;
 mod node;
 mod settings;
 
 pub use api::{AdminState, MAX_BODY_BYTES, router};
+pub use dashboard::{DASHBOARD_PATH, dashboard_router};
 pub use error::ApiError;
 pub use metrics::{Metrics, StoreMetricsLayer, StoreMetricsService};
 pub use node::{GatewayNode, Node, NodeError};

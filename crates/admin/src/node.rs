@@ -1,5 +1,11 @@
 //! A Trellis node — what `trellis up` runs: the store (with its metrics middleware), the
 //! registry, the configuration manager, the health monitor and the admin HTTP server.
+//!
+//! Tracing is configured once, by the `[tracing]` table (off without one; the `OTEL_*`
+//! variables override its keys): the node builds one [`DistributedTracer`] with an
+//! in-memory [`TraceBuffer`], traces store operations made inside a trace
+//! ([`StoreTraceLayer`]), serves the buffer at `/v1/traces`, counts exported and dropped
+//! spans in `/metrics`, and hands the tracer to the gateway it runs.
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -14,6 +20,7 @@ use trellis_gateway::{ApiGateway, RunningGateway};
 use trellis_health::{ServiceHealthMonitor, StoreCheck};
 use trellis_registry::ServiceRegistry;
 use trellis_store::Store;
+use trellis_tracing::{DistributedTracer, StoreTraceLayer, TraceBuffer};
 
 use crate::api::{AdminState, router};
 use crate::metrics::Metrics;
@@ -56,6 +63,12 @@ pub enum NodeError {
     /// The gateway could not start.
     #[error(transparent)]
     Gateway(#[from] trellis_gateway::GatewayError),
+    /// The tracer could not start (its exporter, or a feature this build lacks).
+    #[error(transparent)]
+    Tracing(#[from] trellis_tracing::TracingError),
+    /// The saga log could not be opened.
+    #[error("saga log: {0}")]
+    Saga(#[from] trellis_saga::SagaError),
     /// An admin server beyond loopback without a token.
     #[error(
         "the admin server would listen on {0}, beyond loopback, without a token: set admin.token (or TRELLIS_ADMIN_TOKEN), or listen on 127.0.0.1"
@@ -69,11 +82,23 @@ pub enum NodeError {
 pub struct GatewayNode {
     gateway: RunningGateway,
     registry: ServiceRegistry,
+    tracer: DistributedTracer,
 }
 
 impl GatewayNode {
-    /// Starts the gateway of `settings` (its `[gateway]` table must be present).
+    /// Starts the gateway of `settings` (its `[gateway]` table must be present), traced as
+    /// `settings.tracing` and the `OTEL_*` variables say.
     pub async fn start(settings: Settings) -> Result<GatewayNode, NodeError> {
+        let (tracer, _buffer) = Node::tracer_for(&settings)?;
+        GatewayNode::start_with_tracer(settings, tracer).await
+    }
+
+    /// Starts like [`GatewayNode::start`] with a tracer built by the caller (the one a
+    /// binary installed globally with [`trellis_tracing::install`]).
+    pub async fn start_with_tracer(
+        settings: Settings,
+        tracer: DistributedTracer,
+    ) -> Result<GatewayNode, NodeError> {
         let settings = settings.validate()?;
         let Some(config) = settings.gateway.clone() else {
             return Err(NodeError::Settings(SettingsError::Invalid {
@@ -88,8 +113,15 @@ impl GatewayNode {
                 source,
             })?;
         let registry = ServiceRegistry::start(&store, settings.registry.options()).await?;
-        let gateway = ApiGateway::new(config, registry.clone())?.start().await?;
-        Ok(GatewayNode { gateway, registry })
+        let gateway = ApiGateway::new(config, registry.clone())?
+            .with_tracer(tracer.clone())
+            .start()
+            .await?;
+        Ok(GatewayNode {
+            gateway,
+            registry,
+            tracer,
+        })
     }
 
     /// Where the gateway listens.
@@ -97,10 +129,16 @@ impl GatewayNode {
         self.gateway.local_addr()
     }
 
-    /// Drains the gateway and stops the registry.
+    /// The gateway's tracer.
+    pub fn tracer(&self) -> &DistributedTracer {
+        &self.tracer
+    }
+
+    /// Drains the gateway, stops the registry and exports the spans still queued.
     pub async fn shutdown(self) -> Result<(), NodeError> {
         self.gateway.shutdown().await;
         self.registry.shutdown().await?;
+        self.tracer.flush();
         Ok(())
     }
 }
@@ -111,6 +149,8 @@ pub struct Node {
     admin_addr: SocketAddr,
     registry: ServiceRegistry,
     store: Store,
+    tracer: DistributedTracer,
+    trace_buffer: Option<TraceBuffer>,
     gateway: Option<RunningGateway>,
     stop: Option<oneshot::Sender<()>>,
     server: JoinHandle<std::io::Result<()>>,
@@ -118,7 +158,33 @@ pub struct Node {
 
 impl Node {
     /// Starts every part and the admin server; returns once it accepts connections.
+    /// Tracing follows `settings.tracing` with the process's `OTEL_*` variables applied.
     pub async fn start(settings: Settings) -> Result<Node, NodeError> {
+        let (tracer, buffer) = Node::tracer_for(&settings)?;
+        Node::start_with_tracer(settings, tracer, buffer).await
+    }
+
+    /// The tracer and trace buffer [`Node::start`] would build for `settings` (no buffer
+    /// when tracing is disabled).
+    pub fn tracer_for(
+        settings: &Settings,
+    ) -> Result<(DistributedTracer, Option<TraceBuffer>), NodeError> {
+        let config = settings.tracing_config()?;
+        let buffer = config
+            .enabled
+            .then(|| TraceBuffer::new(config.buffer_spans));
+        let tracer = DistributedTracer::from_config(&config, buffer.clone())?;
+        Ok((tracer, buffer))
+    }
+
+    /// Starts like [`Node::start`] with a tracer built by the caller (the one a binary
+    /// installed globally with [`trellis_tracing::install`]) and the buffer it keeps spans
+    /// in, served at `/v1/traces` when given. `settings.tracing` is not read again.
+    pub async fn start_with_tracer(
+        settings: Settings,
+        tracer: DistributedTracer,
+        trace_buffer: Option<TraceBuffer>,
+    ) -> Result<Node, NodeError> {
         let settings = settings.validate()?;
         let addr = settings.admin_addr()?;
         if !addr.ip().is_loopback() && settings.admin.token.is_none() {
@@ -131,7 +197,14 @@ impl Node {
                 url: settings.store.url.clone(),
                 source,
             })?;
-        let store = store.clone().layer(metrics.store_layer(store.backend()));
+        let mut store = store.clone().layer(metrics.store_layer(store.backend()));
+        if tracer.is_enabled() {
+            // Operations inside a trace (a gateway request, an admin call) become spans.
+            store = store
+                .clone()
+                .layer(StoreTraceLayer::new(tracer.clone()).backend(store.backend()));
+        }
+        metrics.register_with(|registry| tracer.stats().register_metrics(registry));
         let registry = ServiceRegistry::start(&store, settings.registry.options()).await?;
         let mut config_options = ConfigOptions {
             config_table: settings.config.config_table.clone(),
@@ -152,13 +225,20 @@ impl Node {
             monitor,
             metrics.clone(),
             settings.admin.token.clone(),
-        );
+        )
+        // GET /v1/sagas, /v1/sagas/{id}; POST …/retry, …/abort (the saga log in the store).
+        .with_routes(trellis_saga::admin::router(store.clone())?);
+        if let Some(buffer) = &trace_buffer {
+            // GET /v1/traces, /v1/traces/{trace_id}.
+            state = state.with_routes(trellis_tracing::admin::router(buffer.clone()));
+        }
         let gateway = match settings.gateway.clone() {
             Some(config) => {
                 let gateway_metrics = metrics.register_with(trellis_gateway::GatewayMetrics::new);
                 Some(
                     ApiGateway::new(config, registry.clone())?
                         .with_metrics(gateway_metrics)
+                        .with_tracer(tracer.clone())
                         .start()
                         .await?,
                 )
@@ -188,6 +268,8 @@ impl Node {
             admin_addr,
             registry,
             store,
+            tracer,
+            trace_buffer,
             gateway,
             stop: Some(stop),
             server,
@@ -214,6 +296,18 @@ impl Node {
         &self.store
     }
 
+    /// The node's tracer (disabled when `[tracing] enabled = false`), for services embedded
+    /// in the node: give it to their `ServiceClient`s and `EventBus`.
+    pub fn tracer(&self) -> &DistributedTracer {
+        &self.tracer
+    }
+
+    /// The in-memory buffer of recent traces served at `/v1/traces`; `None` when tracing
+    /// is disabled.
+    pub fn trace_buffer(&self) -> Option<&TraceBuffer> {
+        self.trace_buffer.as_ref()
+    }
+
     /// Stops accepting requests, lets in-flight ones finish (up to 10 s), and deregisters
     /// every instance registered through this node.
     pub async fn shutdown(mut self) -> Result<(), NodeError> {
@@ -233,6 +327,8 @@ impl Node {
             }
         }
         self.registry.shutdown().await?;
+        // Export what is queued (within the export timeout) before the process exits.
+        self.tracer.flush();
         tracing::info!("trellis node stopped; its instances are deregistered");
         Ok(())
     }

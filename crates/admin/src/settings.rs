@@ -17,6 +17,11 @@
 //! [config]
 //! environment = "production"
 //! refresh_interval = "1s"
+//!
+//! [tracing]                 # see trellis_tracing::TracingConfig
+//! service_name = "trellis-node"
+//! endpoint = "http://127.0.0.1:4318"
+//! sampling_rate = 0.1
 //! ```
 
 use std::net::SocketAddr;
@@ -25,6 +30,7 @@ use std::path::Path;
 use serde::Deserialize;
 use trellis_core::{HumanDuration, NameKind, validate_name};
 use trellis_registry::RegistryOptions;
+use trellis_tracing::{TracingConfig, TracingError};
 
 /// Default store: a SQLite file under the working directory.
 pub const DEFAULT_STORE_URL: &str = "sqlite://./trellis-data/trellis.db";
@@ -62,7 +68,7 @@ pub enum SettingsError {
 }
 
 /// Everything `trellis up` needs.
-#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct Settings {
     /// Where state lives.
@@ -75,6 +81,35 @@ pub struct Settings {
     pub config: ConfigSettings,
     /// The API gateway; absent means no gateway runs.
     pub gateway: Option<trellis_gateway::GatewayConfig>,
+    /// Distributed tracing (`[tracing]`): spans of the gateway, the store and the node's
+    /// own work, kept in memory for `/v1/traces` and exported over OTLP when `endpoint` is
+    /// set. The standard `OTEL_*` variables override it (see
+    /// [`Settings::tracing_config`]). Without the table tracing is off (`enabled = false`:
+    /// no cost, trace headers pass through); a `[tracing]` table, even empty, turns it on
+    /// with [`TracingConfig::default`] for the keys it leaves out.
+    #[serde(default = "tracing_off")]
+    pub tracing: TracingConfig,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Settings {
+            store: StoreSettings::default(),
+            admin: AdminSettings::default(),
+            registry: RegistrySettings::default(),
+            config: ConfigSettings::default(),
+            gateway: None,
+            tracing: tracing_off(),
+        }
+    }
+}
+
+/// `[tracing]` when the table is absent: off.
+fn tracing_off() -> TracingConfig {
+    TracingConfig {
+        enabled: false,
+        ..TracingConfig::default()
+    }
 }
 
 /// `[store]`.
@@ -242,6 +277,7 @@ impl Settings {
                 key: "registry",
                 reason: e.to_string(),
             })?;
+        let tracing = self.tracing.validate().map_err(tracing_error)?;
         let gateway = match self.gateway {
             Some(gateway) => Some(gateway.validate().map_err(|e| SettingsError::Invalid {
                 key: "gateway",
@@ -249,7 +285,31 @@ impl Settings {
             })?),
             None => None,
         };
-        Ok(Settings { gateway, ..self })
+        Ok(Settings {
+            gateway,
+            tracing,
+            ..self
+        })
+    }
+
+    /// The `[tracing]` table with the process's `OTEL_*` variables applied
+    /// ([`TracingConfig::with_env`]), validated; errors name `tracing.<field>` (or the
+    /// variable).
+    pub fn tracing_config(&self) -> Result<TracingConfig, SettingsError> {
+        self.tracing_config_from(|key| std::env::var(key).ok())
+    }
+
+    /// Same as [`tracing_config`](Self::tracing_config) with the variables read through
+    /// `lookup`.
+    pub fn tracing_config_from(
+        &self,
+        lookup: impl Fn(&str) -> Option<String>,
+    ) -> Result<TracingConfig, SettingsError> {
+        self.tracing
+            .clone()
+            .with_env_from(lookup)
+            .and_then(TracingConfig::validate)
+            .map_err(tracing_error)
     }
 
     /// The admin address, parsed.
@@ -261,6 +321,38 @@ impl Settings {
                 key: "admin.listen",
                 reason: format!("{:?} is not an IP:PORT address: {e}", self.admin.listen),
             })
+    }
+}
+
+/// A tracing error as a settings error whose key is `tracing.<field>`.
+fn tracing_error(error: TracingError) -> SettingsError {
+    let key = match &error {
+        TracingError::InvalidConfig { field, .. } => tracing_key(field),
+        _ => "tracing",
+    };
+    let reason = match error {
+        TracingError::InvalidConfig { reason, .. } => reason,
+        other => other.to_string(),
+    };
+    SettingsError::Invalid { key, reason }
+}
+
+/// The dotted key of a `[tracing]` field (environment variables keep their own name).
+fn tracing_key(field: &'static str) -> &'static str {
+    match field {
+        "enabled" => "tracing.enabled",
+        "service_name" => "tracing.service_name",
+        "endpoint" => "tracing.endpoint",
+        "protocol" => "tracing.protocol",
+        "sampling_rate" => "tracing.sampling_rate",
+        "b3" => "tracing.b3",
+        "buffer_spans" => "tracing.buffer_spans",
+        "queue_size" => "tracing.queue_size",
+        "max_batch" => "tracing.max_batch",
+        "batch_interval" => "tracing.batch_interval",
+        "export_timeout" => "tracing.export_timeout",
+        other if other.starts_with("OTEL_") => other,
+        _ => "tracing",
     }
 }
 
@@ -289,6 +381,41 @@ mod tests {
         assert_eq!(s.registry.options().ttl.as_secs(), 10);
         assert_eq!(s.registry.options().health_check_interval.as_secs(), 2);
         assert_eq!(s.admin_addr().unwrap().port(), 9999);
+        assert!(!s.tracing.enabled, "no [tracing] table: off");
+        let on = Settings::from_toml("[tracing]", "trellis.toml").unwrap();
+        assert_eq!(on.tracing, TracingConfig::default());
+        assert!(on.tracing.enabled);
+    }
+
+    #[test]
+    fn tracing_table_and_environment() {
+        let s = Settings::from_toml(
+            r#"
+            [tracing]
+            service_name = "edge"
+            endpoint = "http://127.0.0.1:4318"
+            sampling_rate = 0.1
+            "#,
+            "trellis.toml",
+        )
+        .unwrap();
+        assert_eq!(s.tracing.service_name, "edge");
+        assert_eq!(s.tracing.sampling_rate, 0.1);
+        let env = |key: &str| match key {
+            "OTEL_SERVICE_NAME" => Some("from-env".to_owned()),
+            "OTEL_EXPORTER_OTLP_ENDPOINT" => Some("http://collector:4318".to_owned()),
+            _ => None,
+        };
+        let config = s.tracing_config_from(env).unwrap();
+        assert_eq!(config.service_name, "from-env");
+        assert_eq!(config.endpoint.as_deref(), Some("http://collector:4318"));
+        assert_eq!(config.sampling_rate, 0.1);
+        let bad = |key: &str| (key == "OTEL_EXPORTER_OTLP_PROTOCOL").then(|| "thrift".to_owned());
+        let err = s.tracing_config_from(bad).unwrap_err().to_string();
+        assert!(err.contains("OTEL_EXPORTER_OTLP_PROTOCOL"), "{err}");
+        let bad = |key: &str| (key == "OTEL_EXPORTER_OTLP_ENDPOINT").then(|| "nope".to_owned());
+        let err = s.tracing_config_from(bad).unwrap_err().to_string();
+        assert!(err.contains("tracing.endpoint"), "{err}");
     }
 
     #[test]
@@ -309,6 +436,32 @@ mod tests {
                 "[[gateway.routes]]\npath = \"/a/*\"\nservice = \"a/b\"",
                 "routes[0].service",
             ),
+            (
+                "[tracing]\nsampling_rate = 1.5",
+                "config tracing.sampling_rate: 1.5",
+            ),
+            (
+                "[tracing]\nservice_name = \"\"",
+                "config tracing.service_name",
+            ),
+            (
+                "[tracing]\nendpoint = \"localhost:4318\"",
+                "config tracing.endpoint",
+            ),
+            ("[tracing]\nqueue_size = 0", "config tracing.queue_size"),
+            (
+                "[tracing]\nbatch_interval = \"0s\"",
+                "config tracing.batch_interval",
+            ),
+            (
+                "[tracing]\nsample_rate = 0.5",
+                "unknown field `sample_rate`",
+            ),
+            (
+                "[tracing]\nprotocol = \"thrift\"",
+                "unknown variant `thrift`",
+            ),
+            ("[tracing]\nsampling_rate = \"half\"", "invalid type"),
         ] {
             let err = Settings::from_toml(text, "trellis.toml")
                 .unwrap_err()

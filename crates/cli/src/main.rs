@@ -2,6 +2,7 @@
 //! libraries; everything it runs can also be started inside a test.
 
 mod client;
+mod deploy;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -34,6 +35,11 @@ enum Command {
         #[command(subcommand)]
         command: ConfigCommand,
     },
+    /// Sagas: list, inspect, retry or abort (through the admin API).
+    Sagas {
+        #[command(subcommand)]
+        command: SagasCommand,
+    },
     /// Publish and consume events.
     Events {
         #[command(subcommand)]
@@ -44,8 +50,9 @@ enum Command {
         #[command(subcommand)]
         command: MeshCommand,
     },
-    /// Deploy a service (today: Kubernetes manifests with --dry-run).
-    Deploy(DeployArgs),
+    /// Deploy a service on local, kubernetes, docker or ecs; `deploy blue-green` switches
+    /// versions on the local platform.
+    Deploy(Box<deploy::DeployArgs>),
 }
 
 #[derive(Debug, Subcommand)]
@@ -63,27 +70,6 @@ enum MeshCommand {
         #[arg(long, value_name = "FILE")]
         policy: Option<PathBuf>,
     },
-}
-
-#[derive(Debug, Args)]
-struct DeployArgs {
-    /// Service name.
-    name: String,
-    /// local, kubernetes, docker or ecs.
-    #[arg(long)]
-    platform: String,
-    /// Deploy spec (TOML mirroring the seed's deploy options).
-    #[arg(long, value_name = "FILE")]
-    spec: PathBuf,
-    /// Print what would be applied instead of applying it.
-    #[arg(long)]
-    dry_run: bool,
-    /// Image registry prefix (the seed's `registry`).
-    #[arg(long)]
-    registry: Option<String>,
-    /// Namespace when the spec names none.
-    #[arg(long)]
-    namespace: Option<String>,
 }
 
 /// Which event bus and store.
@@ -191,6 +177,42 @@ enum ServicesCommand {
 }
 
 #[derive(Debug, Subcommand)]
+enum SagasCommand {
+    /// List sagas, newest first (one page; filter by state to page further).
+    Ls {
+        /// running, compensating, completed, compensated, needs_attention or aborted.
+        #[arg(long)]
+        state: Option<String>,
+        /// Most sagas to list.
+        #[arg(long)]
+        limit: Option<usize>,
+        #[command(flatten)]
+        remote: Remote,
+    },
+    /// One saga with its step history, timings and errors.
+    Show {
+        /// Saga id.
+        id: String,
+        #[command(flatten)]
+        remote: Remote,
+    },
+    /// Ask the orchestrator owning a saga in needs_attention to try its compensations again.
+    Retry {
+        /// Saga id.
+        id: String,
+        #[command(flatten)]
+        remote: Remote,
+    },
+    /// Give up on a saga in needs_attention: nothing more is attempted.
+    Abort {
+        /// Saga id.
+        id: String,
+        #[command(flatten)]
+        remote: Remote,
+    },
+}
+
+#[derive(Debug, Subcommand)]
 enum ConfigCommand {
     /// Print the current configuration of a service.
     Get {
@@ -257,7 +279,12 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let result = runtime.block_on(run(cli));
+    let command = match cli.command {
+        // Bad input to `trellis deploy` exits with code 2: it returns its own exit code.
+        Command::Deploy(args) => return runtime.block_on(deploy::run(*args)),
+        command => command,
+    };
+    let result = runtime.block_on(run(Cli { command }));
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(message) => {
@@ -279,6 +306,7 @@ async fn run(cli: Cli) -> Result<(), String> {
                 .await
         }
         Command::Config { command } => config(command).await,
+        Command::Sagas { command } => sagas(command).await,
         Command::Events { command } => events(command).await,
         Command::Mesh {
             command:
@@ -288,12 +316,51 @@ async fn run(cli: Cli) -> Result<(), String> {
                     policy,
                 },
         } => mesh_render(&provider, &service, policy.as_deref()),
-        Command::Deploy(args) => deploy(args),
+        // main() runs it with its own exit codes; this is the same without them.
+        Command::Deploy(args) => deploy::run_result(*args).await,
     }
 }
 
+async fn sagas(command: SagasCommand) -> Result<(), String> {
+    use trellis_saga::cli::{SagaAdminClient, format_action, format_list, format_saga};
+    let connect = |remote: Remote| {
+        SagaAdminClient::new(&remote.admin, remote.admin_token).map_err(|e| e.to_string())
+    };
+    let text = match command {
+        SagasCommand::Ls {
+            state,
+            limit,
+            remote,
+        } => format_list(
+            &connect(remote)?
+                .list(state.as_deref(), limit)
+                .await
+                .map_err(|e| e.to_string())?,
+        ),
+        SagasCommand::Show { id, remote } => format_saga(
+            &connect(remote)?
+                .show(&id)
+                .await
+                .map_err(|e| e.to_string())?,
+        ),
+        SagasCommand::Retry { id, remote } => format_action(
+            &connect(remote)?
+                .retry(&id)
+                .await
+                .map_err(|e| e.to_string())?,
+        ),
+        SagasCommand::Abort { id, remote } => format_action(
+            &connect(remote)?
+                .abort(&id)
+                .await
+                .map_err(|e| e.to_string())?,
+        ),
+    };
+    println!("{}", text.trim_end());
+    Ok(())
+}
+
 async fn up(args: UpArgs) -> Result<(), String> {
-    init_logging();
     let mut settings = match &args.config {
         Some(path) => Settings::load(path).map_err(|e| e.to_string())?,
         None => Settings::default(),
@@ -307,7 +374,14 @@ async fn up(args: UpArgs) -> Result<(), String> {
     if let Some(token) = args.admin_token {
         settings.admin.token = Some(token);
     }
-    let node = Node::start(settings).await.map_err(|e| e.to_string())?;
+    let telemetry = init_telemetry(&settings)?;
+    let node = match &telemetry {
+        Some((guard, buffer)) => {
+            Node::start_with_tracer(settings, guard.tracer().clone(), buffer.clone()).await
+        }
+        None => Node::start(settings).await,
+    }
+    .map_err(|e| e.to_string())?;
     // One line on stdout, for people and for scripts that wait for it.
     match node.gateway_addr() {
         Some(gateway) => println!(
@@ -321,17 +395,43 @@ async fn up(args: UpArgs) -> Result<(), String> {
 }
 
 async fn gateway(args: GatewayArgs) -> Result<(), String> {
-    init_logging();
     let mut settings = Settings::load(&args.config).map_err(|e| e.to_string())?;
     if let Some(store) = args.store {
         settings.store.url = store;
     }
-    let node = trellis_admin::GatewayNode::start(settings)
-        .await
-        .map_err(|e| e.to_string())?;
+    let telemetry = init_telemetry(&settings)?;
+    let node = match &telemetry {
+        Some((guard, _)) => {
+            trellis_admin::GatewayNode::start_with_tracer(settings, guard.tracer().clone()).await
+        }
+        None => trellis_admin::GatewayNode::start(settings).await,
+    }
+    .map_err(|e| e.to_string())?;
     println!("trellis gateway: on http://{}", node.local_addr());
     shutdown_signal().await;
     node.shutdown().await.map_err(|e| e.to_string())
+}
+
+/// Logging plus tracing as `[tracing]` (and `OTEL_*`) say: when enabled, the global
+/// subscriber also turns plain `tracing` spans into exported spans, and the returned guard
+/// (which flushes on drop) holds the tracer the node uses; otherwise plain logging.
+fn init_telemetry(
+    settings: &Settings,
+) -> Result<
+    Option<(
+        trellis_tracing::TracingGuard,
+        Option<trellis_tracing::TraceBuffer>,
+    )>,
+    String,
+> {
+    let config = settings.tracing_config().map_err(|e| e.to_string())?;
+    if !config.enabled {
+        init_logging();
+        return Ok(None);
+    }
+    let buffer = Some(trellis_tracing::TraceBuffer::new(config.buffer_spans));
+    let guard = trellis_tracing::install(&config, buffer.clone()).map_err(|e| e.to_string())?;
+    Ok(Some((guard, buffer)))
 }
 
 fn init_logging() {
@@ -385,37 +485,6 @@ fn mesh_render(
     let yaml = trellis_mesh::render(provider, service, &policy).map_err(|e| e.to_string())?;
     print!("{yaml}");
     Ok(())
-}
-
-fn deploy(args: DeployArgs) -> Result<(), String> {
-    let platform: trellis_deploy::Platform = args
-        .platform
-        .parse()
-        .map_err(|e| format!("--platform: {e}"))?;
-    let text = std::fs::read_to_string(&args.spec)
-        .map_err(|e| format!("cannot read {}: {e}", args.spec.display()))?;
-    let spec = trellis_deploy::DeploySpec::from_toml(&text)
-        .map_err(|e| format!("{}: {e}", args.spec.display()))?;
-    spec.validate(&args.name, platform)
-        .map_err(|e| e.to_string())?;
-    match (platform, args.dry_run) {
-        (trellis_deploy::Platform::Kubernetes, true) => {
-            let mut options = trellis_deploy::KubernetesOptions::new();
-            if let Some(registry) = args.registry {
-                options = options.registry(registry);
-            }
-            if let Some(namespace) = args.namespace {
-                options = options.namespace(namespace);
-            }
-            let yaml = trellis_deploy::render_kubernetes(&args.name, &spec, &options)
-                .map_err(|e| e.to_string())?;
-            print!("{yaml}");
-            Ok(())
-        }
-        (platform, _) => Err(format!(
-            "deploying to {platform} is not built yet; `--platform kubernetes --dry-run` prints the manifests"
-        )),
-    }
 }
 
 async fn open_bus(args: &BusArgs) -> Result<trellis_events::EventBus, String> {

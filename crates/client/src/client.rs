@@ -13,6 +13,7 @@ use trellis_registry::ServiceRegistry;
 use trellis_resilience::balance::{EndpointStatus, LoadBalancer, OutlierDetection, Strategy};
 use trellis_resilience::breaker::{BreakerConfig, BreakerSnapshot, CircuitBreakers};
 use trellis_resilience::retry::{Backoff, BudgetSnapshot, RetryBudget};
+use trellis_tracing::DistributedTracer;
 
 use crate::endpoints::Endpoints;
 use crate::error::{BuildError, ClientError};
@@ -47,6 +48,8 @@ pub(crate) struct Inner {
     pub(crate) budget: Arc<RetryBudget>,
     pub(crate) max_response_bytes: usize,
     pub(crate) timers: Timers,
+    /// Client spans per attempt; `None` (the default) costs nothing.
+    pub(crate) tracer: Option<DistributedTracer>,
 }
 
 /// A client for one service found in the registry — the seed's
@@ -60,6 +63,8 @@ pub(crate) struct Inner {
 ///    open (all open: [`ClientError::CircuitOpen`], nothing sent);
 /// 3. sends the request with the trace context and the remaining deadline
 ///    ([`CallContext`](crate::CallContext)), within `min(timeout, caller's deadline)`;
+///    with a [`tracer`](ServiceClientBuilder::tracer), each attempt is a client span
+///    and its context is what the instance receives;
 /// 4. reports the outcome to the instance's breaker and to outlier detection (5xx,
 ///    connection errors and timeouts are failures);
 /// 5. retries — GET, HEAD, OPTIONS, PUT, DELETE, or a request marked
@@ -227,6 +232,7 @@ pub struct ServiceClientBuilder {
     max_response_bytes: usize,
     pool_max_idle_per_host: usize,
     http: Option<reqwest::Client>,
+    tracer: Option<DistributedTracer>,
 }
 
 impl ServiceClientBuilder {
@@ -252,6 +258,7 @@ impl ServiceClientBuilder {
             max_response_bytes: DEFAULT_MAX_RESPONSE_BYTES,
             pool_max_idle_per_host: 64,
             http: None,
+            tracer: None,
         }
     }
 
@@ -371,6 +378,19 @@ impl ServiceClientBuilder {
         self
     }
 
+    /// Records a client span (kind `client`) for every attempt with `tracer`, and sends
+    /// that span's context (W3C `traceparent`, `tracestate`, `baggage`, and B3) instead of
+    /// passing the caller's on unchanged. The span's parent is the request's
+    /// [`context`](RequestBuilder::context) if set, else the current OpenTelemetry
+    /// context, else [`CallContext::current`](crate::CallContext::current). It records the
+    /// instance, the attempt number and the status; connection errors, timeouts and
+    /// statuses of 400 and above mark it failed. A disabled tracer changes nothing.
+    /// Defaults to none: the caller's trace context is forwarded as it is.
+    pub fn tracer(mut self, tracer: DistributedTracer) -> Self {
+        self.tracer = tracer.is_enabled().then_some(tracer);
+        self
+    }
+
     /// Checks the settings and builds the client.
     pub fn build(self) -> Result<ServiceClient, BuildError> {
         validate_name(NameKind::Service, &self.service)?;
@@ -447,6 +467,7 @@ impl ServiceClientBuilder {
                     .unwrap_or_else(|| Arc::new(RetryBudget::default())),
                 max_response_bytes: self.max_response_bytes,
                 timers: Timers::default(),
+                tracer: self.tracer,
             }),
         })
     }

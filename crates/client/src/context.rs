@@ -11,8 +11,9 @@
 //! so clocks of different machines need not agree. [`CallContext::from_headers`] reads all
 //! four headers of an incoming request.
 //!
-//! This module generates nothing: no trace ids, no spans (that is the tracing component's
-//! job). It only passes on what it was given.
+//! This module generates nothing: no trace ids, no spans. It only passes on what it was
+//! given. A client built with a [`tracer`](crate::ServiceClientBuilder::tracer) starts a
+//! client span per attempt, child of this context, and sends that span's context instead.
 
 use std::future::Future;
 use std::time::Duration;

@@ -20,14 +20,16 @@
 //!   attempt and 502/503/504; exponential backoff with full jitter, within a retry budget
 //!   (retries ≤ 20 % of requests); never after the response was handed to the caller.
 //! - **Trace context.** `traceparent`, `tracestate` and `baggage` of the request being
-//!   served are passed on ([`CallContext::scope`] or [`RequestBuilder::context`]).
+//!   served are passed on ([`CallContext::scope`] or [`RequestBuilder::context`]). With a
+//!   [`tracer`](ServiceClientBuilder::tracer), every attempt is a client span (instance,
+//!   attempt, status or failure) and its context is what the instance receives.
 //! - **Errors** say what happened: [`ClientError::Timeout`], `CircuitOpen`,
 //!   `NoHealthyInstance`, `Connect`, `Status` (with the start of the body), `Body`,
 //!   `ResponseTooLarge`, `Decode` (serde's message), `InvalidRequest`.
 //!
 //! It speaks plain HTTP/1.1 to instances (no TLS, no HTTP/2: the workspace builds reqwest
 //! without them), buffers request bodies (so they can be re-sent) and does not follow
-//! redirects. It does not create trace ids or spans; the tracing component will.
+//! redirects. Without a tracer it creates no trace ids or spans, and costs nothing for them.
 //!
 //! ## Why not a stack of tower layers
 //!

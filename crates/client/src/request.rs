@@ -10,6 +10,9 @@ use http::header::{CONTENT_TYPE, HeaderMap, HeaderName, HeaderValue, RETRY_AFTER
 use serde::Serialize;
 use tokio::time::Instant;
 use trellis_resilience::http::{is_idempotent, parse_retry_after};
+use trellis_tracing::HttpClientSpan;
+use trellis_tracing::opentelemetry::Context;
+use trellis_tracing::opentelemetry::trace::TraceContextExt as _;
 
 use crate::client::{Inner, ServiceClient};
 use crate::context::{CallContext, DEADLINE_HEADER};
@@ -191,6 +194,7 @@ impl RequestBuilder {
             ));
         };
         let start = Instant::now();
+        let explicit_context = context.is_some();
         let caller_deadline = match &context {
             Some(ctx) => {
                 ctx.inject(&mut headers);
@@ -205,6 +209,17 @@ impl RequestBuilder {
                 }
             }
         }
+        // With a tracer, the attempts' spans are children of the caller's context: the one
+        // given to this request, else the current OpenTelemetry span, else the
+        // `CallContext` scope (already in `headers`).
+        let parent = inner.tracer.as_ref().map(|tracer| {
+            let current = Context::current();
+            if !explicit_context && current.span().span_context().is_valid() {
+                current
+            } else {
+                tracer.propagator().extract_headers(&headers)
+            }
+        });
         let own = start + timeout.unwrap_or(inner.timeout);
         let (deadline, by_caller) = match caller_deadline {
             Some(d) if d < own => (d, true),
@@ -217,6 +232,7 @@ impl RequestBuilder {
             path,
             headers,
             body,
+            parent,
             deadline,
             by_caller,
             limit: deadline.saturating_duration_since(start),
@@ -268,6 +284,8 @@ struct Call<'a> {
     path: String,
     headers: HeaderMap,
     body: Option<Bytes>,
+    /// The parent of the attempts' client spans; `None` without a tracer.
+    parent: Option<Context>,
     /// When the call gives up: `min(start + timeout, caller's deadline)`.
     deadline: Instant,
     /// The deadline is the caller's, not the client's own timeout.
@@ -300,11 +318,11 @@ impl Call<'_> {
             let attempt_limit = inner
                 .attempt_timeout
                 .map_or(remaining, |a| a.min(remaining));
-            let (error, wait_at_least) = match self.attempt(chosen, attempt_limit, remaining).await
-            {
-                Ok(response) => return Ok(response),
-                Err(failed) => failed,
-            };
+            let (error, wait_at_least) =
+                match self.attempt(chosen, attempt_limit, remaining, retry).await {
+                    Ok(response) => return Ok(response),
+                    Err(failed) => failed,
+                };
             let retryable = match &error {
                 ClientError::Status { status, .. } => inner.retry_on.contains(status),
                 other => other.is_retryable(),
@@ -351,6 +369,7 @@ impl Call<'_> {
         chosen: Chosen,
         attempt_limit: Duration,
         remaining: Duration,
+        retry: u32,
     ) -> Result<ServiceResponse, (ClientError, Option<Duration>)> {
         let inner = self.inner;
         let target = chosen.target();
@@ -383,6 +402,7 @@ impl Call<'_> {
         if let Some(body) = &self.body {
             *request.body_mut() = Some(body.clone().into());
         }
+        let span = self.client_span(&mut request, &instance, retry);
         let attempt_end = Instant::now() + attempt_limit;
         // The attempt ends at the call's deadline (not at an attempt timeout).
         let last_chance = attempt_limit >= remaining;
@@ -397,6 +417,9 @@ impl Call<'_> {
         match outcome {
             Some(Ok(mut response)) => {
                 let status = response.status();
+                if let Some(span) = span {
+                    span.finish(status.as_u16());
+                }
                 chosen.report(status.is_server_error());
                 if status.as_u16() < 400 {
                     return Ok(ServiceResponse::new(
@@ -431,6 +454,9 @@ impl Call<'_> {
                     address,
                     source,
                 };
+                if let Some(span) = span {
+                    span.fail(&error);
+                }
                 Err((error, None))
             }
             None => {
@@ -445,9 +471,35 @@ impl Call<'_> {
                 } else {
                     attempt_limit
                 };
-                Err((self.timeout_error(after), None))
+                let error = self.timeout_error(after);
+                if let Some(span) = span {
+                    span.fail(&error);
+                }
+                Err((error, None))
             }
         }
+    }
+
+    /// Starts the client span of attempt `retry` (0 for the first) and writes its context
+    /// into the request headers, when the client has a tracer.
+    fn client_span(
+        &self,
+        request: &mut reqwest::Request,
+        instance: &str,
+        retry: u32,
+    ) -> Option<HttpClientSpan> {
+        let (Some(tracer), Some(parent)) = (&self.inner.tracer, &self.parent) else {
+            return None;
+        };
+        let url = request.url().to_string();
+        let span =
+            tracer.http_client_span_with_parent(parent, &self.method, &url, request.headers_mut());
+        if span.is_recording() {
+            span.set_tag("trellis.service", self.inner.service.to_string());
+            span.set_tag("trellis.upstream.instance", instance.to_owned());
+            span.set_tag("trellis.attempt", i64::from(retry) + 1);
+        }
+        Some(span)
     }
 
     fn timeout_error(&self, after: Duration) -> ClientError {

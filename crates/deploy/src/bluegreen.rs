@@ -148,8 +148,18 @@ impl BlueGreenOptions {
         self
     }
 
-    /// Checks every option; all problems are reported, each naming its key.
+    /// Checks every option; all problems are reported, each naming its key. The spec, when
+    /// given, is checked for the local platform.
     pub fn validate(&self, name: &str) -> Result<(), DeployError> {
+        self.validate_for(name, crate::spec::Platform::Local)
+    }
+
+    /// [`validate`](Self::validate), checking the spec for `platform`.
+    pub(crate) fn validate_for(
+        &self,
+        name: &str,
+        platform: crate::spec::Platform,
+    ) -> Result<(), DeployError> {
         let mut errors = Vec::new();
         let mut fail = |field: &str, reason: String| {
             errors.push(FieldError {
@@ -214,7 +224,7 @@ impl BlueGreenOptions {
             && let Err(DeployError::Invalid {
                 errors: spec_errors,
                 ..
-            }) = spec.validate(name, crate::spec::Platform::Local)
+            }) = spec.validate(name, platform)
         {
             for e in spec_errors {
                 fail(&format!("spec.{}", e.field), e.reason);

@@ -70,6 +70,26 @@ pub trait PlatformBackend: Send + Sync + fmt::Debug {
         name: &'a str,
         namespace: &'a str,
     ) -> BoxFuture<'a, Result<Vec<ReplicaStatus>, DeployError>>;
+
+    /// Runs a blue-green deployment of `name` in `namespace`, calling `sink` with each
+    /// decision as it is made. The default fails with
+    /// [`DeployError::PlatformUnavailable`]: only backends that override it support
+    /// blue-green (the Kubernetes one does).
+    fn blue_green<'a>(
+        &'a self,
+        name: &'a str,
+        namespace: &'a str,
+        options: &'a BlueGreenOptions,
+        sink: &'a (dyn Fn(&Decision) + Send + Sync),
+    ) -> BoxFuture<'a, Result<BlueGreenReport, DeployError>> {
+        let _ = (name, namespace, options, sink);
+        Box::pin(async move {
+            Err(DeployError::PlatformUnavailable {
+                platform: self.platform().to_string(),
+                reason: "this backend does not run blue-green deployments".into(),
+            })
+        })
+    }
 }
 
 enum Target {
@@ -313,17 +333,30 @@ impl ServiceDeployer {
     /// split and an analysis — see [`bluegreen`](crate::bluegreen) for every step. Invalid
     /// options or a current version that is not running are errors and change nothing;
     /// otherwise the report says whether green was promoted, rolled back or held, with every
-    /// decision. Local platform only.
+    /// decision. Runs on the local platform and on backends that implement
+    /// [`PlatformBackend::blue_green`] (Kubernetes, feature `kubernetes`:
+    /// `KubernetesBlueGreen`, which needs `options.spec` there); other
+    /// platforms fail with [`DeployError::PlatformUnavailable`].
     pub async fn blue_green_deploy(
         &self,
         name: &str,
         options: BlueGreenOptions,
     ) -> Result<BlueGreenReport, DeployError> {
-        let Target::Local(local) = &self.inner.target else {
-            return Err(DeployError::PlatformUnavailable {
-                platform: self.inner.platform.to_string(),
-                reason: "blue-green deployment runs on the local platform".into(),
-            });
+        let local = match &self.inner.target {
+            Target::Local(local) => local,
+            Target::Backend(backend) => {
+                lock(&self.inner.decisions).remove(name);
+                let sink = |decision: &Decision| {
+                    lock(&self.inner.decisions)
+                        .entry(name.to_owned())
+                        .or_default()
+                        .push(decision.clone());
+                };
+                return backend
+                    .blue_green(name, &self.inner.namespace, &options, &sink)
+                    .await;
+            }
+            Target::Missing => return Err(self.unavailable()),
         };
         lock(&self.inner.decisions).remove(name);
         let sink = |decision: &Decision| {

@@ -449,7 +449,7 @@ impl KubernetesBackend {
 }
 
 #[cfg(feature = "local")]
-fn replicas_of(
+pub(crate) fn replicas_of(
     name: &str,
     deployment: &Deployment,
     phase: Option<ReplicaPhase>,
@@ -578,6 +578,36 @@ impl crate::deployer::PlatformBackend for KubernetesBackend {
         })
     }
 
+    /// Blue-green by [`KubernetesBlueGreen`](crate::KubernetesBlueGreen) with this backend's
+    /// rendering options (a mesh with provider `istio` splits by VirtualService weights) in
+    /// `namespace`. Needs `options.spec` — green's spec, also used to name blue's
+    /// Deployment — since the backend keeps no spec of blue.
+    fn blue_green<'a>(
+        &'a self,
+        name: &'a str,
+        namespace: &'a str,
+        options: &'a crate::bluegreen::BlueGreenOptions,
+        sink: &'a (dyn Fn(&crate::bluegreen::Decision) + Send + Sync),
+    ) -> BoxFuture<'a, Result<crate::bluegreen::BlueGreenReport, DeployError>> {
+        Box::pin(async move {
+            let Some(spec) = &options.spec else {
+                return Err(DeployError::Invalid {
+                    name: name.to_owned(),
+                    errors: vec![crate::error::FieldError {
+                        field: "spec".to_owned(),
+                        reason: "missing; blue-green on kubernetes needs green's spec".to_owned(),
+                    }],
+                });
+            };
+            crate::kube_bluegreen::KubernetesBlueGreen::new(
+                self.applier.clone(),
+                self.options.clone().namespace(namespace),
+            )
+            .run_with(name, spec, options, sink)
+            .await
+        })
+    }
+
     fn status<'a>(
         &'a self,
         name: &'a str,
@@ -600,7 +630,7 @@ fn not_found_is_false(error: kube::Error) -> Result<bool, kube::Error> {
     }
 }
 
-fn kube_error(operation: String, error: kube::Error) -> DeployError {
+pub(crate) fn kube_error(operation: String, error: kube::Error) -> DeployError {
     let reason = match &error {
         kube::Error::Api(status) => format!(
             "{} {}: {}",

@@ -62,6 +62,12 @@ impl KubernetesOptions {
         self.mesh = Some(mesh);
         self
     }
+
+    /// The mesh set with [`mesh`](Self::mesh).
+    #[cfg(all(feature = "kubernetes", feature = "local"))]
+    pub(crate) fn mesh_ref(&self) -> Option<&ServiceMesh> {
+        self.mesh.as_ref()
+    }
 }
 
 #[derive(Serialize)]

@@ -27,7 +27,9 @@
 //! each behind its feature:
 //!
 //! - `kubernetes`: `KubernetesApplier` server-side applies the rendered manifests and
-//!   follows the rollout; `KubernetesBackend` is its [`PlatformBackend`].
+//!   follows the rollout; `KubernetesBackend` is its [`PlatformBackend`]. With `local` too,
+//!   `KubernetesBlueGreen` runs blue-green on a cluster: a Service selector switch, or
+//!   VirtualService weights between DestinationRule subsets when the mesh is Istio.
 //! - `docker`: `DockerDeployer` runs one container per replica through the Docker Engine
 //!   API (Docker or podman), waits until healthy and registers them; `DockerBackend` is
 //!   its [`PlatformBackend`].
@@ -36,7 +38,8 @@
 //!   `trellis-deploy-ecs` crate, so that the AWS SDK is compiled only by those who use it.
 //!
 //! It is not a cluster scheduler: the local platform supervises processes on this machine
-//! only, does not enforce cpu or memory, and blue-green runs on the local platform only.
+//! only, does not enforce cpu or memory, and blue-green runs on the local platform and on
+//! Kubernetes only (not on docker or ECS).
 //!
 //! ```
 //! use trellis_deploy::{DeploySpec, KubernetesOptions, Platform, render_kubernetes};
@@ -86,6 +89,10 @@ pub use kube_apply::KubernetesBackend;
 pub use kube_apply::{
     AppliedManifests, KubernetesApplier, KubernetesManifests, RolloutStatus, kubernetes_manifests,
 };
+#[cfg(all(feature = "kubernetes", feature = "local"))]
+pub mod kube_bluegreen;
+#[cfg(all(feature = "kubernetes", feature = "local"))]
+pub use kube_bluegreen::{DeploymentAvailable, KubernetesBlueGreen, RolloutReadiness};
 #[cfg(feature = "docker")]
 pub mod docker;
 #[cfg(all(feature = "docker", feature = "local"))]

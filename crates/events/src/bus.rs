@@ -13,6 +13,9 @@ use serde::de::DeserializeOwned;
 use tokio::sync::{Semaphore, watch};
 use tokio::task::JoinSet;
 use trellis_store::Store;
+use trellis_tracing::opentelemetry::Context;
+use trellis_tracing::opentelemetry::trace::TraceContextExt as _;
+use trellis_tracing::{DistributedTracer, Span};
 use uuid::Uuid;
 
 use crate::embedded::EmbeddedTransport;
@@ -301,6 +304,8 @@ struct BusInner {
     transport: Arc<dyn Transport>,
     options: BusOptions,
     round_robin: AtomicU32,
+    /// Producer and consumer spans; `None` (the default) costs nothing.
+    tracer: Option<DistributedTracer>,
 }
 
 impl std::fmt::Debug for EventBus {
@@ -328,8 +333,40 @@ impl EventBus {
                 transport,
                 options,
                 round_robin: AtomicU32::new(0),
+                tracer: None,
             }),
         }
+    }
+
+    /// This bus with spans recorded by `tracer`:
+    ///
+    /// - [`publish`](Self::publish) and [`publish_batch`](Self::publish_batch) start a
+    ///   producer span per event (kind `producer`, child of the current OpenTelemetry
+    ///   context, else of the `traceparent` header already on the message), and write its
+    ///   context into the event headers ([`TRACEPARENT`](crate::TRACEPARENT), `tracestate`,
+    ///   `baggage`, B3); the span records the partition and offset, or the error;
+    /// - every handler call runs inside a consumer span (kind `consumer`), child of and
+    ///   linked to the producer span found in the headers (a new root when there is
+    ///   none), with the attempt number; a failing handler marks it failed.
+    ///
+    /// Ready-made envelopes ([`publish_envelopes`](Self::publish_envelopes): the outbox
+    /// relay, dead letters) keep the context they carry. A disabled tracer changes nothing.
+    /// Clones made before this call keep their own setting.
+    #[must_use]
+    pub fn with_tracer(self, tracer: DistributedTracer) -> EventBus {
+        EventBus {
+            inner: Arc::new(BusInner {
+                transport: self.inner.transport.clone(),
+                options: self.inner.options.clone(),
+                round_robin: AtomicU32::new(self.inner.round_robin.load(Ordering::Relaxed)),
+                tracer: tracer.is_enabled().then_some(tracer),
+            }),
+        }
+    }
+
+    /// The tracer set with [`with_tracer`](Self::with_tracer), if any.
+    pub fn tracer(&self) -> Option<&DistributedTracer> {
+        self.inner.tracer.as_ref()
     }
 
     /// The transport underneath.
@@ -348,9 +385,20 @@ impl EventBus {
         topic: &str,
         message: Message<T>,
     ) -> Result<Published> {
-        let envelope = message.into_envelope(topic, &self.inner.options.source)?;
-        let mut published = self.publish_envelopes(vec![envelope]).await?;
-        published.pop().ok_or(EventError::Closed)
+        let mut envelope = message.into_envelope(topic, &self.inner.options.source)?;
+        let span = self
+            .inner
+            .tracer
+            .as_ref()
+            .map(|tracer| producer_span(tracer, &mut envelope));
+        let result = self
+            .publish_envelopes(vec![envelope])
+            .await
+            .and_then(|mut published| published.pop().ok_or(EventError::Closed));
+        if let Some(span) = span {
+            record_publish(&span, &result);
+        }
+        result
     }
 
     /// Publishes several events to `topic`. Events of one partition are appended together
@@ -360,11 +408,31 @@ impl EventBus {
         topic: &str,
         messages: impl IntoIterator<Item = Message<T>>,
     ) -> Result<Vec<Published>> {
-        let envelopes = messages
+        let mut envelopes = messages
             .into_iter()
             .map(|m| m.into_envelope(topic, &self.inner.options.source))
             .collect::<Result<Vec<_>>>()?;
-        self.publish_envelopes(envelopes).await
+        let Some(tracer) = &self.inner.tracer else {
+            return self.publish_envelopes(envelopes).await;
+        };
+        let spans: Vec<Span> = envelopes
+            .iter_mut()
+            .map(|envelope| producer_span(tracer, envelope))
+            .collect();
+        let result = self.publish_envelopes(envelopes).await;
+        match &result {
+            Ok(published) => {
+                for (span, published) in spans.iter().zip(published) {
+                    record_publish(span, &Ok(published.clone()));
+                }
+            }
+            Err(e) => {
+                for span in &spans {
+                    span.set_error(e);
+                }
+            }
+        }
+        result
     }
 
     /// Publishes ready-made envelopes (each to its own `topic`) keeping their ids: the
@@ -767,9 +835,24 @@ where
             if *stop.borrow() {
                 return Outcome::Stopped;
             }
-            let result = AssertUnwindSafe(self.handler.call(event))
-                .catch_unwind()
-                .await;
+            let span = self.bus.inner.tracer.as_ref().map(|tracer| {
+                let span = tracer.consumer_span(&self.topic, &self.group, &envelope.headers);
+                if span.is_recording() {
+                    span.set_tag("messaging.message.id", envelope.id.to_string());
+                    span.set_tag(
+                        "messaging.destination.partition.id",
+                        record.partition.to_string(),
+                    );
+                    span.set_tag("trellis.offset", record.offset as i64);
+                    span.set_tag("trellis.attempt", i64::from(attempt));
+                }
+                span
+            });
+            let call = AssertUnwindSafe(self.handler.call(event)).catch_unwind();
+            let result = match &span {
+                Some(span) => span.in_scope(call).await,
+                None => call.await,
+            };
             drop(permit);
             let error = match result {
                 Ok(Ok(())) => {
@@ -779,6 +862,9 @@ where
                 Ok(Err(e)) => e.to_string(),
                 Err(panic) => format!("handler panicked: {}", panic_message(&panic)),
             };
+            if let Some(span) = span {
+                span.set_error(&error);
+            }
             self.stats.failures.fetch_add(1, Ordering::Relaxed);
             tracing::debug!(topic = %self.topic, group = %self.group, id = %envelope.id, attempt, error, "handler failed");
             if attempt >= self.options.max_attempts {
@@ -836,6 +922,40 @@ where
                 }
             }
         }
+    }
+}
+
+/// Starts the producer span of `envelope` and writes its context into the headers. The
+/// parent is the current OpenTelemetry context, else a `traceparent` the publisher put on
+/// the message itself.
+pub(crate) fn producer_span(tracer: &DistributedTracer, envelope: &mut Envelope) -> Span {
+    let current = Context::current();
+    let parent = if current.span().span_context().is_valid() {
+        current
+    } else {
+        tracer.propagator().extract_map(&envelope.headers)
+    };
+    let span = tracer.producer_span_with_parent(&parent, &envelope.topic, &mut envelope.headers);
+    if span.is_recording() {
+        span.set_tag("messaging.message.id", envelope.id.to_string());
+        if let Some(key) = &envelope.key {
+            span.set_tag("trellis.key", key.clone());
+        }
+    }
+    span
+}
+
+/// Records where the event landed, or why it did not, on its producer span.
+fn record_publish(span: &Span, result: &Result<Published>) {
+    match result {
+        Ok(published) => {
+            span.set_tag(
+                "messaging.destination.partition.id",
+                published.partition.to_string(),
+            );
+            span.set_tag("trellis.offset", published.offset as i64);
+        }
+        Err(e) => span.set_error(e),
     }
 }
 

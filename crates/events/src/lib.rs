@@ -13,7 +13,9 @@
 //!   that finishes handlers in flight, and **replay** from an offset or a time;
 //! - an [`Idempotency`] helper for effectively-once effects, and a transactional
 //!   [`Outbox`] so that a model write and its events commit together;
-//! - the W3C `traceparent` header carried from producer to consumer.
+//! - the W3C `traceparent` header carried from producer to consumer, and with
+//!   [`EventBus::with_tracer`] producer and consumer spans (the consumer a child of the
+//!   producer, failures recorded; [`Outbox::tracer`] keeps the context of the write).
 //!
 //! Events are CloudEvents 1.0 JSON envelopes ([`Envelope`]).
 //!

@@ -15,9 +15,10 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 use trellis_store::{Batch, CasOutcome, ScanQuery, Store, Table};
+use trellis_tracing::DistributedTracer;
 use uuid::Uuid;
 
-use crate::bus::EventBus;
+use crate::bus::{EventBus, producer_span};
 use crate::envelope::{Envelope, Message};
 use crate::error::{EventError, Result};
 
@@ -29,6 +30,7 @@ const LEASE_PARTITION: &str = "relay";
 pub struct Outbox {
     table: Table,
     source: String,
+    tracer: Option<DistributedTracer>,
 }
 
 impl Outbox {
@@ -37,6 +39,7 @@ impl Outbox {
         Ok(Outbox {
             table: store.table("outbox")?,
             source: "trellis".to_owned(),
+            tracer: None,
         })
     }
 
@@ -44,6 +47,16 @@ impl Outbox {
     #[must_use]
     pub fn source(mut self, source: impl Into<String>) -> Self {
         self.source = source.into();
+        self
+    }
+
+    /// Records a producer span when an event is staged (child of the current OpenTelemetry
+    /// context) and stores its context in the event headers, so that the relay, however
+    /// late, publishes the event with the context captured at write time and consumers
+    /// join that trace. Defaults to none.
+    #[must_use]
+    pub fn tracer(mut self, tracer: DistributedTracer) -> Self {
+        self.tracer = tracer.is_enabled().then_some(tracer);
         self
     }
 
@@ -55,7 +68,11 @@ impl Outbox {
         topic: &str,
         message: Message<T>,
     ) -> Result<Uuid> {
-        let envelope = message.into_envelope(topic, &self.source)?;
+        let mut envelope = message.into_envelope(topic, &self.source)?;
+        if let Some(tracer) = &self.tracer {
+            let span = producer_span(tracer, &mut envelope);
+            span.set_tag("trellis.outbox", true);
+        }
         // UUID v7 text sorts by creation time: the relay publishes in staging order.
         let mutation = self.table.mutation_put(
             PENDING,

@@ -25,6 +25,10 @@
 //!   `trellis_gateway_upstream_request_duration_seconds{service,version}` is the time to
 //!   the response head. The handles are looked up once per instance-set change, so a
 //!   request only bumps atomics.
+//! - **Distributed tracing** (with [`ApiGateway::with_tracer`]): a server span per
+//!   request (route, service, instance, status; parent from incoming W3C or B3 headers, a
+//!   new root when they are malformed) and a client span per upstream attempt whose context
+//!   replaces the client's trace headers upstream.
 //! - **CORS** ([`CorsConfig`]) at the gateway or per route: preflights answered by the
 //!   gateway, no CORS header for origins not listed.
 //! - **Retried bodies.** A route's `retries` apply to idempotent methods, to requests

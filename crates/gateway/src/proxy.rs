@@ -26,6 +26,7 @@ use trellis_resilience::http::{
 };
 use trellis_resilience::ratelimit::RateLimited;
 use trellis_resilience::retry::{Backoff, RetryBudget};
+use trellis_tracing::{DistributedTracer, HttpServerSpan};
 
 use crate::config::{GatewayConfig, Limits, UpstreamProtocol};
 use crate::metrics::AttemptStatus;
@@ -75,6 +76,8 @@ pub(crate) struct State {
     budget: RetryBudget,
     backoff: Backoff,
     pub(crate) metrics: Option<crate::metrics::GatewayMetrics>,
+    /// Server and client spans; `None` when tracing is off (nothing is read or written).
+    tracer: Option<DistributedTracer>,
 }
 
 impl State {
@@ -83,6 +86,7 @@ impl State {
         registry: ServiceRegistry,
         verifier: Option<JwtVerifier>,
         metrics: Option<crate::metrics::GatewayMetrics>,
+        tracer: Option<DistributedTracer>,
     ) -> Self {
         let mut connector = HttpConnector::new();
         connector.set_nodelay(true);
@@ -118,6 +122,7 @@ impl State {
             backoff: Backoff::new(Duration::from_millis(25), Duration::from_secs(1))
                 .unwrap_or_else(|_| unreachable_backoff()),
             metrics,
+            tracer: tracer.filter(DistributedTracer::is_enabled),
         }
     }
 
@@ -316,6 +321,11 @@ pub(crate) async fn handle(
     let request_id = state.request_id(request.headers().get(REQUEST_ID));
     let table = state.table.load_full();
     let origin = request.headers().get(header::ORIGIN).cloned();
+    // The server span: parent from the incoming W3C or B3 headers; a new root when they
+    // are missing or malformed (never a refusal).
+    let span = state.tracer.as_ref().map(|tracer| {
+        tracer.http_server_span(request.method(), request.uri().path(), request.headers())
+    });
     let mut matched = None;
     let forwarded = if ambiguous_framing {
         // See `framing`: the request's body length is ambiguous; never forwarded.
@@ -323,15 +333,32 @@ pub(crate) async fn handle(
             "request has both Content-Length and Transfer-Encoding".into(),
         ))
     } else {
-        forward(&state, &table, request, &peer, &request_id, &mut matched).await
+        forward(
+            &state,
+            &table,
+            request,
+            &peer,
+            &request_id,
+            &mut matched,
+            span.as_ref(),
+        )
+        .await
     };
     let mut response = match forwarded {
         Ok(response) => response,
         Err(refusal) => {
             tracing::debug!(?refusal, "request refused");
+            if let Some(span) = &span
+                && span.is_recording()
+            {
+                span.log(format!("refused: {refusal:?}"));
+            }
             refusal.response()
         }
     };
+    if let Some(span) = span {
+        span.finish(response.status().as_u16());
+    }
     response.headers_mut().insert(REQUEST_ID, request_id);
     let route = matched.and_then(|m| Some((table.routes.get(m.route)?, m.preflight)));
     if let Some((route, false)) = route
@@ -462,6 +489,7 @@ async fn forward(
     peer: &Peer,
     request_id: &HeaderValue,
     matched: &mut Option<Matched>,
+    span: Option<&HttpServerSpan>,
 ) -> Result<Response<Body>, Refusal> {
     let remote = peer.addr;
     let (mut parts, body) = request.into_parts();
@@ -492,6 +520,10 @@ async fn forward(
         route: index,
         preflight: false,
     });
+    if let Some(span) = span {
+        span.set_route(&route.config.path);
+        span.set_service(&route.config.service);
+    }
     let max_body = state.limits.max_body_bytes;
     let content_length = parts
         .headers
@@ -673,6 +705,33 @@ async fn forward(
             (None, Some(bytes)) => full(bytes.clone()),
             (None, None) => empty(),
         };
+        // The client span of this attempt: child of the server span, its context (not
+        // the caller's) is what the instance receives.
+        let client_span = match (&state.tracer, span) {
+            (Some(tracer), Some(server)) => {
+                server.set_upstream(picked.id());
+                remove_trace_headers(&mut upstream_parts.headers);
+                // The URL is a tag: formatted only for a recorded trace.
+                let url = if server.is_recording() {
+                    format!("http://{}{}", picked.value().authority, path_and_query)
+                } else {
+                    String::new()
+                };
+                let client = tracer.http_client_span_with_parent(
+                    server.context(),
+                    &upstream_parts.method,
+                    &url,
+                    &mut upstream_parts.headers,
+                );
+                if client.is_recording() {
+                    client.set_tag("trellis.service", service.to_owned());
+                    client.set_tag("trellis.upstream.instance", picked.id().to_owned());
+                    client.set_tag("trellis.attempt", i64::from(attempt));
+                }
+                Some(client)
+            }
+            _ => None,
+        };
         let sent_at = picked
             .value()
             .metrics
@@ -708,6 +767,16 @@ async fn forward(
                 Err(_) => AttemptStatus::Timeout,
             };
             metrics.observe(status, sent_at.elapsed().as_secs_f64());
+        }
+        if let Some(client_span) = client_span {
+            match &sent {
+                Ok(Ok(response)) => client_span.finish(response.status().as_u16()),
+                Ok(Err(e)) => client_span.fail(error_chain(&**e)),
+                Err(_) => client_span.fail(format_args!(
+                    "no answer within {}",
+                    trellis_core::format_duration(timeout)
+                )),
+            }
         }
         // Asked only when a retry is wanted, so answered requests spend no budget.
         let may_retry = || attempt < attempts && state.budget.withdraw();
@@ -897,6 +966,24 @@ fn pick(state: &State, route: &Route, headers: &HeaderMap) -> Option<Picked<Upst
         None => PickContext::new(),
     };
     route.balancer.pick(&context)
+}
+
+/// Trace headers the client sent; the client span's own replace them upstream (a
+/// malformed `b3` must not travel beside a fresh `traceparent`).
+fn remove_trace_headers(headers: &mut HeaderMap) {
+    for name in [
+        "traceparent",
+        "tracestate",
+        "baggage",
+        "b3",
+        "x-b3-traceid",
+        "x-b3-spanid",
+        "x-b3-parentspanid",
+        "x-b3-sampled",
+        "x-b3-flags",
+    ] {
+        headers.remove(name);
+    }
 }
 
 fn strip_hop_by_hop(headers: &mut HeaderMap) {

@@ -50,6 +50,7 @@ pub struct ApiGateway {
     config: GatewayConfig,
     registry: ServiceRegistry,
     metrics: Option<crate::metrics::GatewayMetrics>,
+    tracer: Option<trellis_tracing::DistributedTracer>,
 }
 
 impl ApiGateway {
@@ -59,6 +60,7 @@ impl ApiGateway {
             config: config.validate()?,
             registry,
             metrics: None,
+            tracer: None,
         })
     }
 
@@ -66,6 +68,17 @@ impl ApiGateway {
     #[must_use]
     pub fn with_metrics(mut self, metrics: crate::metrics::GatewayMetrics) -> Self {
         self.metrics = Some(metrics);
+        self
+    }
+
+    /// Records a server span per request (route, service, status and the instance that
+    /// answered; parent from incoming W3C `traceparent` or B3 headers, a new root when
+    /// they are missing or malformed) and a client span per upstream attempt, whose
+    /// context replaces the client's trace headers upstream. Defaults to none: trace
+    /// headers pass through untouched and nothing is recorded.
+    #[must_use]
+    pub fn with_tracer(mut self, tracer: trellis_tracing::DistributedTracer) -> Self {
+        self.tracer = Some(tracer);
         self
     }
 
@@ -92,6 +105,7 @@ impl ApiGateway {
             self.registry,
             verifier,
             self.metrics,
+            self.tracer,
         ));
         let (stop, stopped) = oneshot::channel();
         let task = tokio::spawn(accept_loop(listener, state.clone(), stopped));

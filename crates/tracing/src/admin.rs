@@ -1,5 +1,5 @@
 //! The admin HTTP API over a [`TraceBuffer`]: `GET /v1/traces` lists recent traces
-//! (`?service=NAME&limit=N`, newest first, limit 1–1000, default 20) and
+//! (`?service=NAME&limit=N`: traces with a span of NAME or a span routed to / calling it (`trellis.service`, `peer.service` tags), newest first, limit 1–1000, default 20) and
 //! `GET /v1/traces/{trace_id}` returns one trace as waterfall JSON ([`TraceView`]).
 //! Errors are JSON `{"error": "..."}` with 400 (bad trace id or query) or 404.
 //!

@@ -35,6 +35,22 @@ struct Stored {
     data: SpanData,
 }
 
+/// Span tags naming the service a request was routed to or called: a trace through the
+/// gateway to an untraced `user-service` is still a trace of `user-service`.
+const SERVICE_TAGS: [&str; 2] = ["trellis.service", "peer.service"];
+
+impl Stored {
+    /// True when the span was recorded by `service` or routed to / called it.
+    fn touches(&self, service: &str) -> bool {
+        &*self.service == service
+            || self
+                .data
+                .attributes
+                .iter()
+                .any(|kv| SERVICE_TAGS.contains(&kv.key.as_str()) && kv.value.as_str() == service)
+    }
+}
+
 impl TraceBuffer {
     /// An empty buffer that holds at most `max_spans` spans (at least 1).
     pub fn new(max_spans: usize) -> Self {
@@ -106,7 +122,7 @@ impl TraceBuffer {
             .iter()
             .rev()
             .filter_map(|id| inner.traces.get(id))
-            .filter(|spans| service.is_none_or(|s| spans.iter().any(|sp| &*sp.service == s)))
+            .filter(|spans| service.is_none_or(|s| spans.iter().any(|sp| sp.touches(s))))
             .take(limit)
             .map(summary)
             .collect()
@@ -422,5 +438,33 @@ impl SpanProcessor for BufferProcessor {
 
     fn shutdown_with_timeout(&self, _timeout: Duration) -> OTelSdkResult {
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use crate::{DistributedTracer, TraceBuffer};
+
+    #[test]
+    fn the_service_filter_also_finds_spans_routed_to_or_calling_the_service() {
+        let buffer = TraceBuffer::new(100);
+        let tracer = DistributedTracer::builder("gateway")
+            .buffer(buffer.clone())
+            .build()
+            .unwrap();
+        let routed = tracer.start_span("GET /api/users/*");
+        routed.set_tag("trellis.service", "user-service");
+        routed.finish();
+        let called = tracer.start_span("POST /charge");
+        called.set_tag("peer.service", "payment-service");
+        called.finish();
+        tracer.start_span("alone").finish();
+        assert_eq!(buffer.recent(None, 10).len(), 3);
+        assert_eq!(buffer.recent(Some("gateway"), 10).len(), 3);
+        assert_eq!(buffer.recent(Some("user-service"), 10).len(), 1);
+        assert_eq!(buffer.recent(Some("payment-service"), 10).len(), 1);
+        assert!(buffer.recent(Some("order-service"), 10).is_empty());
     }
 }

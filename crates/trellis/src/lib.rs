@@ -13,6 +13,7 @@
 //! | [`health`] | `trellis-health` | named checks with timeouts, aggregate status, `/health` endpoints |
 //! | [`config`] | `trellis-config` | versioned, typed configuration per service and environment, history, rollback, watch |
 //! | [`admin`] | `trellis-admin` | the JSON admin API and the node behind `trellis up` |
+//! | [`tracing`] | `trellis-tracing` | distributed tracing: spans, W3C/B3 propagation, sampling, trace buffer, OTLP export (feature `otlp`) |
 //! | [`core`] | `trellis-core` | human-readable durations, validated names |
 //!
 //! ## One service, end to end
@@ -71,3 +72,5 @@ pub use trellis_config as config;
 pub use trellis_health as health;
 #[cfg(feature = "registry")]
 pub use trellis_registry as registry;
+#[cfg(feature = "tracing")]
+pub use trellis_tracing as tracing;
