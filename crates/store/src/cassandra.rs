@@ -222,17 +222,28 @@ impl CassandraStore {
             }
         };
         prepare_keyspace(&session, &parsed, &redacted).await?;
-        session
-            .use_keyspace(&parsed.keyspace, false)
-            .await
-            .map_err(|e| StoreError::Unavailable {
-                backend: BACKEND,
-                reason: format!(
-                    "cassandra at {hosts}: cannot use keyspace {}: {e}",
-                    parsed.keyspace
-                ),
-                source: Some(Box::new(e)),
-            })?;
+        // A keyspace another client is creating at this very moment may not be usable yet
+        // (the CREATE ... IF NOT EXISTS here returned before that schema change settled):
+        // wait for schema agreement and retry for a short, bounded while.
+        let mut attempts = 0;
+        let used = loop {
+            attempts += 1;
+            match session.use_keyspace(&parsed.keyspace, false).await {
+                Err(e) if attempts < 20 && e.to_string().contains("does not exist") => {
+                    let _ = session.await_schema_agreement().await;
+                    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                }
+                other => break other,
+            }
+        };
+        used.map_err(|e| StoreError::Unavailable {
+            backend: BACKEND,
+            reason: format!(
+                "cassandra at {hosts}: cannot use keyspace {}: {e}",
+                parsed.keyspace
+            ),
+            source: Some(Box::new(e)),
+        })?;
         let mut ping = session
             .prepare("SELECT now() FROM system.local")
             .await
