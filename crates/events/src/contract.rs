@@ -36,7 +36,7 @@ macro_rules! transport_contract_tests {
             poison_event_goes_to_dlq_while_others_flow, undeserializable_payload_goes_to_dlq,
             each_group_gets_every_event, group_members_split_partitions_and_take_over,
             replay_from_offset_and_time, graceful_shutdown_finishes_in_flight,
-            concurrent_publishers_lose_nothing);
+            concurrent_publishers_lose_nothing, topics_and_group_lag_are_listed);
     };
     (@cases $open:path; $($case:ident),*) => {
         $(
@@ -750,4 +750,138 @@ where
     assert_eq!(got, ids);
     let offsets: Vec<u64> = log.lock().unwrap().iter().map(|e| e.offset).collect();
     assert_eq!(offsets, (0..ids.len() as u64).collect::<Vec<_>>());
+}
+
+/// Topics and their groups are listed, and each group's lag is exact: a group that
+/// consumed 10 events before 4 more were published lags by 4; a group reset to offset 1 of
+/// a 5-event topic lags by 4; a new topic without groups has none.
+pub async fn topics_and_group_lag_are_listed<F, Fut>(open: F)
+where
+    F: Fn() -> Fut,
+    Fut: Future<Output = EventBus>,
+{
+    use crate::admin::{topic_info, topic_list};
+    use crate::partitioner::partition_for_key;
+
+    let bus = open().await;
+    let transport = bus.transport().clone();
+    let orders = nonce("lag-orders");
+    let payments = nonce("lag-payments");
+    let quiet = nonce("lag-quiet");
+    assert_eq!(transport.ensure_topic(&orders, 2).await.unwrap(), 2);
+    assert_eq!(transport.ensure_topic(&payments, 1).await.unwrap(), 1);
+    assert_eq!(transport.ensure_topic(&quiet, 3).await.unwrap(), 3);
+    // Keys that land in both partitions of `orders`.
+    let keys: Vec<String> = (0..)
+        .map(|n| format!("k{n}"))
+        .scan([0u32; 2], |seen, key| {
+            let p = partition_for_key(&key, 2) as usize;
+            seen[p] += 1;
+            Some((key, seen[p]))
+        })
+        .filter(|(_, nth)| *nth <= 7)
+        .map(|(key, _)| key)
+        .take(14)
+        .collect();
+    let message = |n: usize| Message::new(payload(n as u64)).key(keys[n].clone());
+
+    // `billing` consumes the first 10 events of `orders` and stops.
+    bus.publish_batch(&orders, (0..10).map(message))
+        .await
+        .unwrap();
+    let seen: Log<Event<Payload>> = Log::default();
+    let billing = bus
+        .subscribe_with(
+            &orders,
+            "billing",
+            quick().start(StartFrom::Earliest),
+            recorder(&seen),
+        )
+        .await
+        .unwrap();
+    eventually("billing committed all 10", || {
+        let transport = transport.clone();
+        let orders = orders.clone();
+        async move {
+            let committed = transport.committed(&orders, "billing").await.unwrap();
+            committed.iter().map(|c| c.unwrap_or(0)).sum::<u64>() == 10
+        }
+    })
+    .await;
+    billing.shutdown().await.unwrap();
+    assert_eq!(len(&seen), 10);
+    bus.publish_batch(&orders, (10..14).map(message))
+        .await
+        .unwrap();
+
+    // `audit` is moved to offset 1 of `payments`, which holds 5 events.
+    bus.publish_batch(&payments, (0..5).map(|n| Message::new(payload(n))))
+        .await
+        .unwrap();
+    assert_eq!(
+        transport
+            .reset_group(&payments, "audit", StartFrom::Offset(1))
+            .await
+            .unwrap(),
+        vec![1]
+    );
+
+    let info = topic_info(&*transport, &orders, true).await.unwrap();
+    assert_eq!(info.name, orders);
+    assert_eq!(info.partitions, 2);
+    assert_eq!(info.end_offset, 14);
+    assert_eq!(info.end_offsets, Some(vec![7, 7]));
+    assert_eq!(info.groups.len(), 1, "{info:?}");
+    let billing = &info.groups[0];
+    assert_eq!(billing.group, "billing");
+    assert_eq!(billing.lag, 4);
+    assert_eq!(billing.uncommitted_partitions, 0);
+    let per_partition: u64 = billing
+        .partitions
+        .as_ref()
+        .unwrap()
+        .iter()
+        .map(|p| p.lag.unwrap())
+        .sum();
+    assert_eq!(per_partition, 4);
+
+    // The list holds all three topics, each with its own groups and figures.
+    let list = topic_list(&*transport).await.unwrap();
+    assert_eq!(list.transport, transport.name());
+    let find = |name: &str| {
+        list.topics
+            .iter()
+            .find(|t| t.name == name)
+            .unwrap_or_else(|| panic!("{name} not listed in {:?}", list.topics))
+            .clone()
+    };
+    let listed = find(&orders);
+    assert_eq!((listed.end_offset, listed.groups[0].lag), (14, 4));
+    assert_eq!(
+        listed.end_offsets, None,
+        "no per-partition figures in the list"
+    );
+    let listed = find(&payments);
+    assert_eq!(listed.partitions, 1);
+    assert_eq!(listed.end_offset, 5);
+    assert_eq!(listed.groups.len(), 1);
+    assert_eq!(
+        (listed.groups[0].group.as_str(), listed.groups[0].lag),
+        ("audit", 4)
+    );
+    let listed = find(&quiet);
+    assert_eq!((listed.partitions, listed.end_offset), (3, 0));
+    assert!(listed.groups.is_empty());
+    let names: Vec<&str> = list.topics.iter().map(|t| t.name.as_str()).collect();
+    let mut sorted = names.clone();
+    sorted.sort();
+    assert_eq!(names, sorted, "topics are sorted");
+
+    // An unknown topic is an error naming it, not an empty answer.
+    let missing = nonce("lag-missing");
+    let err = topic_info(&*transport, &missing, false).await.unwrap_err();
+    assert!(
+        matches!(err, EventError::UnknownTopic(ref t) if *t == missing),
+        "{err}"
+    );
 }

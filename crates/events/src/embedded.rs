@@ -11,6 +11,13 @@
 //! | `event_groups` | `{group}/{topic}` | `owner/{partition:05}` | `{"member", "released"}` with a TTL: the partition lease |
 //! | `event_groups` | `{group}/{topic}` | `offset/{partition:05}` | `{"next": n}`: the committed offset |
 //! | `event_members` | `{group}/{topic}` | member id | heartbeat row with a TTL |
+//! | `event_topics` | `/topics` | topic | `{"partitions": n}`: the topic index, for listing |
+//! | `event_groups` | `/groups/{topic}` | group | `{}`: the group index of a topic, for listing |
+//!
+//! Names cannot contain `/`, so the index partitions never meet a topic or group. The
+//! indexes are written after the rows they point to (a topic when this process first sees
+//! it, a group when it joins or is reset), so topics and groups made before the indexes
+//! existed are listed again as soon as any process uses them.
 //!
 //! - **Append** = one conditional batch inside one partition of `event_log`: update the head
 //!   row if its version is still the one read, and put the new records at the offsets after
@@ -51,6 +58,8 @@ use crate::transport::{
 };
 
 const HEAD: &str = "head";
+/// Partition of `event_topics` listing every topic.
+const TOPIC_INDEX: &str = "/topics";
 const RECORD_PREFIX: &str = "o/";
 /// Records per store batch when appending.
 const APPEND_CHUNK: usize = 2_000;
@@ -149,6 +158,8 @@ struct Inner {
     options: EmbeddedOptions,
     heads: Mutex<HashMap<(String, u32), HeadSlot>>,
     partition_counts: Mutex<HashMap<String, u32>>,
+    /// Groups this process wrote into the group index, as `(topic, group)`.
+    indexed_groups: Mutex<BTreeSet<(String, String)>>,
     /// Bumped whenever the log may have new records.
     wake: watch::Sender<u64>,
     poller: Mutex<Option<tokio::task::JoinHandle<()>>>,
@@ -217,6 +228,11 @@ fn group_partition(group: &str, topic: &str) -> String {
     format!("{group}/{topic}")
 }
 
+/// Partition of `event_groups` listing the groups of `topic`.
+fn group_index(topic: &str) -> String {
+    format!("/groups/{topic}")
+}
+
 fn to_json<T: Serialize>(value: &T) -> Vec<u8> {
     // Plain structs of strings and numbers always serialize.
     serde_json::to_vec(value).unwrap_or_default()
@@ -251,6 +267,7 @@ impl EmbeddedTransport {
                 options,
                 heads: Mutex::new(HashMap::new()),
                 partition_counts: Mutex::new(HashMap::new()),
+                indexed_groups: Mutex::new(BTreeSet::new()),
                 wake,
                 poller: Mutex::new(None),
             }),
@@ -305,8 +322,55 @@ impl Inner {
             return Ok(None);
         };
         let n = from_json::<TopicMeta>("topic metadata", &row.value)?.partitions;
+        // Once per topic and process: topics made before the index existed get listed.
+        self.index_topic(topic, n).await?;
         lock(&self.partition_counts).insert(topic.to_owned(), n);
         Ok(Some(n))
+    }
+
+    async fn index_topic(&self, topic: &str, partitions: u32) -> Result<()> {
+        self.topics
+            .put(TOPIC_INDEX, topic, to_json(&TopicMeta { partitions }), None)
+            .await?;
+        Ok(())
+    }
+
+    /// Records `group` in the group index of `topic` (once per process).
+    async fn index_group(&self, topic: &str, group: &str) -> Result<()> {
+        let key = (topic.to_owned(), group.to_owned());
+        if lock(&self.indexed_groups).contains(&key) {
+            return Ok(());
+        }
+        self.groups
+            .put(&group_index(topic), group, b"{}".to_vec(), None)
+            .await?;
+        lock(&self.indexed_groups).insert(key);
+        Ok(())
+    }
+
+    /// Every topic in the index, sorted.
+    async fn list_topics(&self) -> Result<Vec<String>> {
+        Ok(self
+            .topics
+            .scan_all(TOPIC_INDEX, None)
+            .await?
+            .into_iter()
+            .map(|row| row.clustering)
+            .collect())
+    }
+
+    /// The groups of `topic` in the index, sorted.
+    async fn list_groups(&self, topic: &str) -> Result<Vec<String>> {
+        if self.partitions(topic).await?.is_none() {
+            return Err(EventError::UnknownTopic(topic.to_owned()));
+        }
+        Ok(self
+            .groups
+            .scan_all(&group_index(topic), None)
+            .await?
+            .into_iter()
+            .map(|row| row.clustering)
+            .collect())
     }
 
     async fn ensure_topic(&self, topic: &str, partitions: u32) -> Result<u32> {
@@ -323,6 +387,7 @@ impl Inner {
         let meta = to_json(&TopicMeta { partitions });
         match self.topics.insert_if_absent(topic, "", meta, None).await? {
             CasOutcome::Applied { .. } => {
+                self.index_topic(topic, partitions).await?;
                 lock(&self.partition_counts).insert(topic.to_owned(), partitions);
                 Ok(partitions)
             }
@@ -615,6 +680,14 @@ impl Transport for EmbeddedTransport {
         "embedded"
     }
 
+    fn topics(&self) -> BoxFuture<'_, Result<Vec<String>>> {
+        Box::pin(self.inner.list_topics())
+    }
+
+    fn groups<'a>(&'a self, topic: &'a str) -> BoxFuture<'a, Result<Vec<String>>> {
+        Box::pin(self.inner.list_groups(topic))
+    }
+
     fn ensure_topic<'a>(&'a self, topic: &'a str, partitions: u32) -> BoxFuture<'a, Result<u32>> {
         Box::pin(self.inner.ensure_topic(topic, partitions))
     }
@@ -646,6 +719,7 @@ impl Transport for EmbeddedTransport {
                 });
             }
             let partitions = self.inner.ensure_topic(topic, options.partitions).await?;
+            self.inner.index_group(topic, group).await?;
             self.inner.ensure_poller();
             let ctx = Arc::new(GroupCtx {
                 inner: self.inner.clone(),
@@ -693,7 +767,9 @@ impl Transport for EmbeddedTransport {
                     }
                 }
             }
-            if !holders.is_empty() {
+            if holders.is_empty() {
+                self.inner.index_group(topic, group).await?;
+            } else {
                 return Err(EventError::GroupActive {
                     topic: topic.to_owned(),
                     group: group.to_owned(),

@@ -648,6 +648,41 @@ impl Inner {
         Ok(next.min(high))
     }
 
+    /// Every topic of the cluster but the internal ones (`__consumer_offsets`, …), sorted.
+    fn list_topics(&self) -> Result<Vec<String>> {
+        let metadata = self
+            .meta
+            .fetch_metadata(None, self.options.request_timeout)
+            .map_err(|e| kafka_error("listing topics", e))?;
+        let mut names: Vec<String> = metadata
+            .topics()
+            .iter()
+            .filter(|t| !t.name().starts_with("__") && t.error().is_none())
+            .map(|t| t.name().to_owned())
+            .collect();
+        names.sort();
+        Ok(names)
+    }
+
+    /// The bus groups of `topic`: Kafka groups named `group:topic`, sorted.
+    fn list_groups(&self, topic: &str) -> Result<Vec<String>> {
+        let list = self
+            .meta
+            .fetch_group_list(None, self.options.request_timeout)
+            .map_err(|e| kafka_error("listing consumer groups", e))?;
+        let mut groups: Vec<String> = list
+            .groups()
+            .iter()
+            .filter_map(|g| {
+                let (group, of) = g.name().split_once(':')?;
+                (of == topic).then(|| group.to_owned())
+            })
+            .collect();
+        groups.sort();
+        groups.dedup();
+        Ok(groups)
+    }
+
     /// Client ids of the members of Kafka group `group_id`.
     fn group_members(&self, group_id: &str) -> Result<Vec<String>> {
         let list = self
@@ -820,6 +855,22 @@ async fn settle(topic: &str, delivery: DeliveryFuture) -> Result<u64> {
 impl Transport for KafkaTransport {
     fn name(&self) -> &'static str {
         NAME
+    }
+
+    fn topics(&self) -> BoxFuture<'_, Result<Vec<String>>> {
+        Box::pin(async move {
+            let inner = self.inner.clone();
+            blocking(move || inner.list_topics()).await
+        })
+    }
+
+    fn groups<'a>(&'a self, topic: &'a str) -> BoxFuture<'a, Result<Vec<String>>> {
+        Box::pin(async move {
+            self.inner.existing_partitions(topic).await?;
+            let inner = self.inner.clone();
+            let topic = topic.to_owned();
+            blocking(move || inner.list_groups(&topic)).await
+        })
     }
 
     fn ensure_topic<'a>(&'a self, topic: &'a str, partitions: u32) -> BoxFuture<'a, Result<u32>> {

@@ -19,6 +19,9 @@
 //!
 //! Events are CloudEvents 1.0 JSON envelopes ([`Envelope`]).
 //!
+//! [`admin_router`] serves the topics with their consumer groups' lag
+//! (`GET /v1/events/topics`, see [`admin`]) for any transport.
+//!
 //! Transports sit behind one contract ([`Transport`], tested by [`contract`]). This crate
 //! has the **embedded** one: a durable partitioned log inside the Trellis store (the SQLite
 //! file by default), shared by every process on the machine, and, behind the `kafka` feature,
@@ -57,6 +60,7 @@
 //! conditional two-row batch (≈ 11,000–13,700/s alone); end-to-end p99 ≈ 4 ms at 1,000
 //! events/s across store handles with the default 2 ms poll.
 
+pub mod admin;
 mod bus;
 pub mod cli;
 mod connect;
@@ -71,6 +75,7 @@ mod outbox;
 pub mod partitioner;
 pub mod transport;
 
+pub use admin::admin_router;
 pub use bus::{
     Backoff, BusOptions, DLQ_SUFFIX, EventBus, Handler, Published, StopSignal, SubscribeOptions,
     Subscription, SubscriptionStats,

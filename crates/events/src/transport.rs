@@ -146,6 +146,15 @@ pub trait Transport: Send + Sync + 'static {
 
     /// The next offset to be written, per partition (the "high watermark").
     fn end_offsets<'a>(&'a self, topic: &'a str) -> BoxFuture<'a, Result<Vec<u64>>>;
+
+    /// Every topic, sorted by name (dead-letter topics included; Kafka's internal `__…`
+    /// topics left out).
+    fn topics(&self) -> BoxFuture<'_, Result<Vec<String>>>;
+
+    /// The consumer groups of `topic` (those that joined it or had their offsets reset),
+    /// sorted. Fails with [`EventError::UnknownTopic`](crate::EventError::UnknownTopic)
+    /// when the topic does not exist.
+    fn groups<'a>(&'a self, topic: &'a str) -> BoxFuture<'a, Result<Vec<String>>>;
 }
 
 /// This process's membership in one consumer group on one topic.
