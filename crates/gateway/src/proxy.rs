@@ -717,8 +717,9 @@ async fn forward(
                 } else {
                     String::new()
                 };
-                let client = tracer.http_client_span_with_parent(
-                    server.context(),
+                // For an unsampled request: no OpenTelemetry span or context, only ids.
+                let client = tracer.http_client_span_child_of(
+                    server,
                     &upstream_parts.method,
                     &url,
                     &mut upstream_parts.headers,
@@ -971,18 +972,23 @@ fn pick(state: &State, route: &Route, headers: &HeaderMap) -> Option<Picked<Upst
 /// Trace headers the client sent; the client span's own replace them upstream (a
 /// malformed `b3` must not travel beside a fresh `traceparent`).
 fn remove_trace_headers(headers: &mut HeaderMap) {
-    for name in [
-        "traceparent",
-        "tracestate",
-        "baggage",
-        "b3",
-        "x-b3-traceid",
-        "x-b3-spanid",
-        "x-b3-parentspanid",
-        "x-b3-sampled",
-        "x-b3-flags",
-    ] {
-        headers.remove(name);
+    // Names parsed once (removing by `&str` parses the name on every call).
+    const TRACE_HEADERS: [HeaderName; 9] = [
+        HeaderName::from_static("traceparent"),
+        HeaderName::from_static("tracestate"),
+        HeaderName::from_static("baggage"),
+        HeaderName::from_static("b3"),
+        HeaderName::from_static("x-b3-traceid"),
+        HeaderName::from_static("x-b3-spanid"),
+        HeaderName::from_static("x-b3-parentspanid"),
+        HeaderName::from_static("x-b3-sampled"),
+        HeaderName::from_static("x-b3-flags"),
+    ];
+    // Most requests carry none: one pass over the (few) header names, no hashing.
+    if headers.keys().any(|name| TRACE_HEADERS.contains(name)) {
+        for name in &TRACE_HEADERS {
+            headers.remove(name);
+        }
     }
 }
 

@@ -2,7 +2,12 @@
 //!
 //! Each case runs at most 200,000 iterations or 2 seconds, whichever comes first, after a
 //! short warm-up, and prints nanoseconds per iteration. One iteration = start a span, set
-//! one tag, finish it.
+//! one tag, finish it (or, for the `http` cases, a gateway request's server + client span
+//! with the headers written).
+//!
+//! Cases marked "SDK path" run the tracer with `sdk_only(true)`: every span an SDK span and
+//! the generic propagators, as before unsampled spans got their fast path — the before
+//! and after of that change in one run.
 
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
 
@@ -60,6 +65,24 @@ fn main() {
         .exporter(Discard)
         .build()
         .unwrap();
+    let unsampled_sdk = DistributedTracer::builder("bench")
+        .sampling_rate(0.0)
+        .buffer(TraceBuffer::new(10_000))
+        .exporter(Discard)
+        .sdk_only(true)
+        .build()
+        .unwrap();
+    let tenth = DistributedTracer::builder("bench")
+        .sampling_rate(0.1)
+        .buffer(TraceBuffer::new(10_000))
+        .build()
+        .unwrap();
+    let tenth_sdk = DistributedTracer::builder("bench")
+        .sampling_rate(0.1)
+        .buffer(TraceBuffer::new(10_000))
+        .sdk_only(true)
+        .build()
+        .unwrap();
     let sampled_buffer = DistributedTracer::builder("bench")
         .buffer(TraceBuffer::new(10_000))
         .build()
@@ -77,6 +100,7 @@ fn main() {
         .unwrap();
 
     span_case("span: tracing off (disabled tracer)", &disabled);
+    span_case("span: unsampled (rate 0.0), SDK path", &unsampled_sdk);
     span_case("span: unsampled (rate 0.0)", &unsampled);
     span_case("span: sampled, in-memory buffer", &sampled_buffer);
     span_case("span: sampled, export queue (discarding)", &sampled_export);
@@ -93,12 +117,38 @@ fn main() {
         "traceparent",
         HeaderValue::from_static("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-00"),
     );
+    let none = HeaderMap::new();
     for (name, tracer, headers) in [
         ("http server+client span: tracing off", &disabled, &incoming),
         (
-            "http server+client span: unsampled",
+            "http server+client span: unsampled caller, SDK path",
+            &unsampled_sdk,
+            &unsampled_incoming,
+        ),
+        (
+            "http server+client span: unsampled caller",
             &unsampled,
             &unsampled_incoming,
+        ),
+        (
+            "http server+client span: no headers, rate 0, SDK path",
+            &unsampled_sdk,
+            &none,
+        ),
+        (
+            "http server+client span: no headers, rate 0",
+            &unsampled,
+            &none,
+        ),
+        (
+            "http server+client span: no headers, rate 0.1, SDK path",
+            &tenth_sdk,
+            &none,
+        ),
+        (
+            "http server+client span: no headers, rate 0.1",
+            &tenth,
+            &none,
         ),
         (
             "http server+client span: sampled, buffer+export",
@@ -106,19 +156,26 @@ fn main() {
             &incoming,
         ),
     ] {
+        let sdk_path = name.ends_with("SDK path");
         bench(name, |_| {
             let server = tracer.http_server_span(&Method::GET, "/users/u1", headers);
             server.set_route("/users/{id}");
             server.set_upstream("10.0.0.1:8080");
             let mut out = HeaderMap::new();
-            let client = tracer.http_client_span_with_parent(
-                server.context(),
-                &Method::GET,
-                "http://users/u1",
-                &mut out,
-            );
+            // What the gateway called before, and what it calls now.
+            let client = if sdk_path {
+                tracer.http_client_span_with_parent(
+                    server.context(),
+                    &Method::GET,
+                    "http://users/u1",
+                    &mut out,
+                )
+            } else {
+                tracer.http_client_span_child_of(&server, &Method::GET, "http://users/u1", &mut out)
+            };
             client.finish(200);
             server.finish(200);
+            black_box(out);
         });
     }
     println!(

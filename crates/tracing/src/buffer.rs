@@ -84,9 +84,23 @@ impl TraceBuffer {
     }
 
     pub(crate) fn record(&self, service: Arc<str>, data: SpanData) {
-        let trace_id = data.span_context.trace_id();
+        self.lock().record(service, data);
+    }
+
+    /// Records every span under one lock (a reader sees all of them or none).
+    #[cfg(feature = "receiver")]
+    pub(crate) fn record_all(&self, spans: Vec<(Arc<str>, SpanData)>) {
         let mut inner = self.lock();
-        let inner = &mut *inner;
+        for (service, data) in spans {
+            inner.record(service, data);
+        }
+    }
+}
+
+impl Inner {
+    fn record(&mut self, service: Arc<str>, data: SpanData) {
+        let trace_id = data.span_context.trace_id();
+        let inner = self;
         match inner.traces.get_mut(&trace_id) {
             Some(spans) => spans.push_back(Stored { service, data }),
             None => {
@@ -112,7 +126,9 @@ impl TraceBuffer {
             }
         }
     }
+}
 
+impl TraceBuffer {
     /// The most recent traces first, at most `limit`, only those with a span of `service`
     /// when given.
     pub fn recent(&self, service: Option<&str>, limit: usize) -> Vec<TraceSummary> {

@@ -44,7 +44,13 @@ impl DistributedTracer {
                 method: method.clone(),
             };
         }
-        let parent = self.propagator().extract_headers(headers);
+        let parent = if self.is_sdk_only() {
+            use opentelemetry::propagation::TextMapPropagator as _;
+            self.propagator()
+                .extract_with_context(&Context::new(), &crate::HeaderExtractor(headers))
+        } else {
+            self.propagator().extract_headers(headers)
+        };
         let span = self
             .span(method_name(method))
             .child_of(&parent)
@@ -63,7 +69,9 @@ impl DistributedTracer {
 
     /// Starts a client span for a request to `url` with `method`, child of the current
     /// context, and writes its trace context into `headers` (the service client's
-    /// automatic span).
+    /// automatic span): `traceparent`, `tracestate` when not empty, `baggage` when there is
+    /// some, and B3 as configured — for an unsampled span only when its trace came in over
+    /// B3 (W3C alone carries "not sampled"; a B3 caller gets B3 back).
     pub fn http_client_span(
         &self,
         method: &Method,
@@ -86,16 +94,47 @@ impl DistributedTracer {
                 span: self.span("").start(),
             };
         }
-        let span = self
-            .span(method_name(method))
-            .child_of(parent)
-            .kind(SpanKind::Client)
-            .start();
+        let span = self.span(method_name(method)).child_of(parent);
+        self.client_span(span, method, url, headers)
+    }
+
+    /// Same as [`http_client_span`](Self::http_client_span) as a child of `parent` (the
+    /// gateway's server span): for an unsampled parent no OpenTelemetry context is built.
+    pub fn http_client_span_child_of(
+        &self,
+        parent: &Span,
+        method: &Method,
+        url: &str,
+        headers: &mut HeaderMap,
+    ) -> HttpClientSpan {
+        if !self.is_enabled() {
+            return HttpClientSpan {
+                span: self.span("").start(),
+            };
+        }
+        let span = self.span(method_name(method)).child_of_span(parent);
+        self.client_span(span, method, url, headers)
+    }
+
+    fn client_span(
+        &self,
+        start: crate::SpanStart<'_>,
+        method: &Method,
+        url: &str,
+        headers: &mut HeaderMap,
+    ) -> HttpClientSpan {
+        let span = start.kind(SpanKind::Client).start();
         if span.is_recording() {
             span.set_tag("http.request.method", method.as_str().to_owned());
             span.set_tag("url.full", url.to_owned());
         }
-        self.propagator().inject_headers(span.context(), headers);
+        if self.is_sdk_only() {
+            use opentelemetry::propagation::TextMapPropagator as _;
+            self.propagator()
+                .inject_context(span.context(), &mut crate::HeaderInjector(headers));
+        } else {
+            span.with_parts(|sc, cx| self.propagator().inject_span_headers(sc, cx, headers));
+        }
         HttpClientSpan { span }
     }
 }

@@ -18,6 +18,8 @@
 //!   and [`StoreTraceLayer`] (the seed's `TracingMiddleware` for the store).
 //! - [`TraceBuffer`], a bounded in-memory buffer of recent traces, and
 //!   [`admin::router`], serving them as JSON ready for a waterfall view.
+//! - [`receiver::router`] (feature `receiver`): `POST /v1/traces` taking OTLP/HTTP from
+//!   other processes into a [`TraceBuffer`], so one node shows a trace across all of them.
 //! - OTLP/HTTP export (feature `otlp`) through a bounded queue on its own thread; spans that
 //!   do not fit are dropped and counted ([`ExportStats`]), so a collector that is down or
 //!   slow never slows a request.
@@ -29,11 +31,23 @@
 //! a metrics or logs exporter, or an auto-instrumentation agent — the other crates call
 //! the helpers above. OTLP over gRPC is not built in yet (configuring it is an error).
 //!
-//! Costs (`benches/spans.rs`, release build, one span with one tag, measured on a shared
-//! 2-core machine under load average ~14, so upper bounds): tracing off 30–75 ns, unsampled
-//! ~0.5 µs, sampled 0.8–1.9 µs into the export queue or the buffer alone and ~3.5–5 µs
-//! into both. An unsampled gateway request (server span from headers + client span with
-//! headers injected) ~4 µs, most of it header parsing and formatting.
+//! Costs (`benches/spans.rs`, release build, shared 2-core machine under load, so upper
+//! bounds; "SDK path" is the same tracer with every span an OpenTelemetry SDK span, as
+//! before the fast path, measured in the same run; two runs): one span with one tag —
+//! unsampled 27 ns (SDK path 160–470 ns), sampled 0.6–1.3 µs into the export queue or the
+//! buffer alone and 1.1–2.3 µs into both. A gateway request's server + client span with
+//! its headers written, no incoming trace headers: 0.19–0.58 µs at rate 0 (SDK path
+//! 1.3–2.1 µs), 0.4–1.2 µs on average at rate 0.1 (SDK path 1.7–2.6 µs); with an unsampled
+//! `traceparent` coming in 0.66–1.3 µs (SDK path 2.0–3.1 µs). Deterministically
+//! (callgrind, user-space instructions per request of a whole `trellis up` node proxying
+//! to nginx): tracing off 55.1k, rate 0 57.8k (+4.9%; SDK path +35%), rate 0.1 59.3k
+//! (+7.5%; SDK path +36%), rate 1.0 72.8k (+32%; SDK path +53%).
+//!
+//! Why unsampled spans are cheap: the sampling decision comes first. A root the ratio
+//! drops, or a child of an unsampled parent, is no SDK span — only its ids (from a
+//! per-thread wyrand generator) and flags, enough to write `traceparent` with `sampled=0`
+//! and for its children to follow; its OpenTelemetry context is built only if asked for
+//! ([`Span::context`]). Headers are written from stack buffers under pre-parsed names.
 //!
 //! ```
 //! use trellis_tracing::{DistributedTracer, TraceBuffer};
@@ -66,8 +80,11 @@ mod error;
 mod events;
 mod export;
 mod http;
+mod ids;
 mod install;
 mod propagation;
+#[cfg(feature = "receiver")]
+pub mod receiver;
 mod store;
 mod tracer;
 

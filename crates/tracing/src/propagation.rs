@@ -25,6 +25,7 @@ use std::collections::BTreeMap;
 use http::HeaderMap;
 use http::header::{HeaderName, HeaderValue};
 use opentelemetry::Context;
+use opentelemetry::baggage::BaggageExt as _;
 use opentelemetry::propagation::text_map_propagator::FieldIter;
 use opentelemetry::propagation::{Extractor, Injector, TextMapPropagator};
 use opentelemetry::trace::{SpanContext, SpanId, TraceContextExt, TraceFlags, TraceId, TraceState};
@@ -38,6 +39,35 @@ const B3_SPAN_ID: &str = "x-b3-spanid";
 const B3_PARENT_SPAN_ID: &str = "x-b3-parentspanid";
 const B3_SAMPLED: &str = "x-b3-sampled";
 const B3_FLAGS: &str = "x-b3-flags";
+
+// Parsed once: looking a header up or inserting it by `&str` parses the name every time.
+const TRACEPARENT_NAME: HeaderName = HeaderName::from_static("traceparent");
+const TRACESTATE_NAME: HeaderName = HeaderName::from_static("tracestate");
+const BAGGAGE_NAME: HeaderName = HeaderName::from_static("baggage");
+const B3_SINGLE_NAME: HeaderName = HeaderName::from_static(B3_SINGLE);
+const B3_TRACE_ID_NAME: HeaderName = HeaderName::from_static(B3_TRACE_ID);
+const B3_SPAN_ID_NAME: HeaderName = HeaderName::from_static(B3_SPAN_ID);
+const B3_SAMPLED_NAME: HeaderName = HeaderName::from_static(B3_SAMPLED);
+
+const HEX: &[u8; 16] = b"0123456789abcdef";
+
+/// Marks a context whose trace came in over B3 (no valid `traceparent`): unsampled spans of
+/// that trace write B3 back; other unsampled spans write W3C only.
+#[derive(Debug, Clone, Copy)]
+struct CameOverB3;
+
+/// Writes `bytes` as lower-case hex into `out` (twice as long).
+fn hex_into(bytes: &[u8], out: &mut [u8]) {
+    for (i, b) in bytes.iter().enumerate() {
+        out[2 * i] = HEX[usize::from(b >> 4)];
+        out[2 * i + 1] = HEX[usize::from(b & 0x0f)];
+    }
+}
+
+/// A header value from ASCII hex built here (always valid).
+fn value_of(bytes: &[u8]) -> Option<HeaderValue> {
+    HeaderValue::from_bytes(bytes).ok()
+}
 
 /// The composite propagator: W3C trace context and baggage, and B3.
 ///
@@ -84,10 +114,92 @@ impl Propagator {
     /// The trace context carried by `headers`, or an empty context (new root) when there
     /// is none or it is malformed.
     pub fn extract_headers(&self, headers: &HeaderMap) -> Context {
+        // Most requests carry no trace headers at all: four lookups by pre-parsed name.
+        if !headers.contains_key(&TRACEPARENT_NAME)
+            && !headers.contains_key(&B3_SINGLE_NAME)
+            && !headers.contains_key(&B3_TRACE_ID_NAME)
+            && !headers.contains_key(&BAGGAGE_NAME)
+        {
+            return Context::new();
+        }
         self.extract_with_context(&Context::new(), &HeaderExtractor(headers))
     }
 
+    /// Writes `sc` (and the baggage of `cx`) into `headers`, formatted without the generic
+    /// propagators (pre-parsed names, ids written into stack buffers). The headers are those
+    /// of the [`TextMapPropagator`] with `sc` as the context's span, except that an empty
+    /// `tracestate` is left out and an unsampled span writes B3 only when its trace came in
+    /// over B3: W3C alone carries the "not sampled" decision, and a B3 peer upstream gets
+    /// B3 back.
+    pub(crate) fn inject_span_headers(
+        &self,
+        sc: &SpanContext,
+        cx: &Context,
+        headers: &mut HeaderMap,
+    ) {
+        if sc.is_valid() {
+            let trace = sc.trace_id().to_bytes();
+            let span = sc.span_id().to_bytes();
+            let sampled = sc.is_sampled();
+            // 00-{trace:32}-{span:16}-{flags:2}
+            let mut tp = *b"00-00000000000000000000000000000000-0000000000000000-00";
+            hex_into(&trace, &mut tp[3..35]);
+            hex_into(&span, &mut tp[36..52]);
+            if sampled {
+                tp[54] = b'1';
+            }
+            if let Some(value) = value_of(&tp) {
+                headers.insert(TRACEPARENT_NAME, value);
+            }
+            if *sc.trace_state() != TraceState::NONE
+                && let Ok(state) = HeaderValue::from_str(&sc.trace_state().header())
+            {
+                headers.insert(TRACESTATE_NAME, state);
+            }
+            let flag = HeaderValue::from_static(if sampled { "1" } else { "0" });
+            let b3 = if sampled || cx.get::<CameOverB3>().is_some() {
+                self.b3
+            } else {
+                B3Encoding::None
+            };
+            match b3 {
+                B3Encoding::None => {}
+                B3Encoding::Single => {
+                    // {trace:32}-{span:16}-{sampled}
+                    let mut b3 = *b"00000000000000000000000000000000-0000000000000000-0";
+                    hex_into(&trace, &mut b3[..32]);
+                    hex_into(&span, &mut b3[33..49]);
+                    if sampled {
+                        b3[50] = b'1';
+                    }
+                    if let Some(value) = value_of(&b3) {
+                        headers.insert(B3_SINGLE_NAME, value);
+                    }
+                }
+                B3Encoding::Multi => {
+                    let mut t = [0u8; 32];
+                    hex_into(&trace, &mut t);
+                    let mut s = [0u8; 16];
+                    hex_into(&span, &mut s);
+                    if let (Some(t), Some(s)) = (value_of(&t), value_of(&s)) {
+                        headers.insert(B3_TRACE_ID_NAME, t);
+                        headers.insert(B3_SPAN_ID_NAME, s);
+                        headers.insert(B3_SAMPLED_NAME, flag);
+                    }
+                }
+            }
+        }
+        if !cx.baggage().is_empty() {
+            self.baggage
+                .inject_context(cx, &mut HeaderInjector(headers));
+        }
+    }
+
     /// Writes the trace context of `cx` into `headers` (nothing when `cx` has no valid span).
+    /// (Every header, as the [`TextMapPropagator`]; the tracer's own HTTP spans write
+    /// fewer for unsampled spans, see [`DistributedTracer::http_client_span`].)
+    ///
+    /// [`DistributedTracer::http_client_span`]: crate::DistributedTracer::http_client_span
     pub fn inject_headers(&self, cx: &Context, headers: &mut HeaderMap) {
         self.inject_context(cx, &mut HeaderInjector(headers));
     }
@@ -141,7 +253,7 @@ impl TextMapPropagator for Propagator {
             if w3c.span().span_context().is_valid() {
                 w3c
             } else if let Some(sc) = extract_b3(extractor) {
-                cx.with_remote_span_context(sc)
+                cx.with_remote_span_context(sc).with_value(CameOverB3)
             } else {
                 cx.clone()
             }

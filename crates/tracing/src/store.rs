@@ -3,10 +3,11 @@
 //! OpenTelemetry database attributes `db.system.name` (backend), `db.operation.name`,
 //! `db.collection.name` and, for batches, `db.operation.batch.size`.
 //!
-//! By default a span is made only when the operation runs inside a trace (a sampled or
-//! unsampled parent span in the current context): background work such as the registry's
-//! change polling would otherwise fill the trace store with one-span traces. Use
-//! [`StoreTraceLayer::with_root_spans`] to trace those too.
+//! By default a span is made only when the operation runs inside a trace (a parent span in
+//! the current context): background work such as the registry's change polling would
+//! otherwise fill the trace store with one-span traces. Use
+//! [`StoreTraceLayer::with_root_spans`] to trace those too. Inside an unsampled trace
+//! nothing is made at all (the span would not be recorded either).
 //!
 //! ```
 //! # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
@@ -102,7 +103,12 @@ where
             return Box::pin(self.inner.call(request));
         }
         let parent = Context::current();
-        if !layer.root_spans && !parent.span().span_context().is_valid() {
+        let parent_sc = parent.span().span_context().clone();
+        if (!layer.root_spans && !parent_sc.is_valid())
+            || (parent_sc.is_valid() && !parent_sc.is_sampled())
+        {
+            // No parent (background work), or an unsampled one: its child would not be
+            // sampled either, so no span, name or tags are made.
             return Box::pin(self.inner.call(request));
         }
         let operation = request.operation();

@@ -3,13 +3,13 @@
 use std::borrow::Cow;
 use std::fmt;
 use std::future::Future;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use opentelemetry::context::{ContextGuard, FutureExt, WithContext};
 use opentelemetry::trace::{
-    Link, SpanBuilder, SpanContext, SpanKind, Status, TraceContextExt, Tracer as _,
-    TracerProvider as _,
+    Link, SpanBuilder, SpanContext, SpanKind, Status, TraceContextExt, TraceFlags, TraceState,
+    Tracer as _, TracerProvider as _,
 };
 use opentelemetry::{Context, Key, KeyValue, Value};
 use opentelemetry_sdk::Resource;
@@ -19,6 +19,7 @@ use crate::buffer::{BufferProcessor, TraceBuffer};
 use crate::config::{B3Encoding, Protocol, TracingConfig};
 use crate::error::{Result, TracingError};
 use crate::export::{BatchOptions, BoundedBatchProcessor, ExportStats};
+use crate::ids::{self, IdGen, Ratio};
 use crate::propagation::Propagator;
 
 /// Creates spans for one service, samples them, and sends the sampled ones to the
@@ -37,6 +38,10 @@ struct Inner {
     service: Arc<str>,
     stats: ExportStats,
     exporting: bool,
+    /// The root sampling rule (the SDK sampler applies the same one).
+    ratio: Ratio,
+    /// Every span through the SDK, as before the unsampled fast path (benchmarks).
+    sdk_only: bool,
 }
 
 impl fmt::Debug for DistributedTracer {
@@ -71,6 +76,7 @@ impl DistributedTracer {
             },
             export_timeout: Duration::from_secs(5),
             exporter: None,
+            sdk_only: false,
         }
     }
 
@@ -172,8 +178,13 @@ impl DistributedTracer {
                 .inner
                 .as_ref()
                 .map(|_| SpanBuilder::from_name(name.into())),
-            parent: None,
+            parent: Parent::Current,
         }
+    }
+
+    /// Whether every span goes through the SDK (see [`TracerBuilder::sdk_only`]).
+    pub(crate) fn is_sdk_only(&self) -> bool {
+        self.inner.as_ref().is_some_and(|i| i.sdk_only)
     }
 
     /// A `tracing-subscriber` layer that turns plain `tracing` spans into spans of this
@@ -197,6 +208,7 @@ pub struct TracerBuilder {
     options: BatchOptions,
     export_timeout: Duration,
     exporter: Option<StartExport>,
+    sdk_only: bool,
 }
 
 type StartExport =
@@ -256,6 +268,15 @@ impl TracerBuilder {
         self
     }
 
+    /// Creates every span through the OpenTelemetry SDK and propagates with its generic
+    /// propagators, as this crate did before unsampled spans got their fast path: for
+    /// benchmarks that compare the two in one run. Defaults to false.
+    #[doc(hidden)]
+    pub fn sdk_only(mut self, on: bool) -> Self {
+        self.sdk_only = on;
+        self
+    }
+
     /// Sends sampled spans to `exporter`, through the bounded batch queue.
     pub fn exporter<E: SpanExporter + Send + 'static>(mut self, exporter: E) -> Self {
         self.exporter = Some(Box::new(move |resource, options, stats| {
@@ -310,6 +331,7 @@ impl TracerBuilder {
             .with_sampler(Sampler::ParentBased(Box::new(Sampler::TraceIdRatioBased(
                 self.sampling_rate,
             ))))
+            .with_id_generator(IdGen)
             .with_resource(resource.clone());
         if let Some(buffer) = self.buffer {
             provider = provider.with_span_processor(BufferProcessor {
@@ -332,6 +354,8 @@ impl TracerBuilder {
                 service,
                 stats,
                 exporting,
+                ratio: Ratio::new(self.sampling_rate),
+                sdk_only: self.sdk_only,
             })),
             propagator: Arc::new(Propagator::new(self.b3)),
         })
@@ -377,7 +401,17 @@ pub struct SpanStart<'a> {
     tracer: &'a DistributedTracer,
     /// `None` when the tracer is disabled: nothing is collected.
     builder: Option<SpanBuilder>,
-    parent: Option<Context>,
+    parent: Parent,
+}
+
+/// Where a span about to start takes its parent from.
+enum Parent {
+    /// `Context::current()`.
+    Current,
+    /// A context (a span's, or one extracted from headers).
+    Context(Context),
+    /// An unsampled span, without building its context.
+    Unsampled { sc: SpanContext, base: Context },
 }
 
 impl fmt::Debug for SpanStart<'_> {
@@ -390,13 +424,26 @@ impl SpanStart<'_> {
     /// Makes the span a child of `parent` (a [`Span::context`], or an extracted context).
     /// Defaults to the current context.
     pub fn child_of(mut self, parent: &Context) -> Self {
-        self.parent = Some(parent.clone());
+        self.parent = Parent::Context(parent.clone());
+        self
+    }
+
+    /// Makes the span a child of `parent`; cheaper than
+    /// [`child_of`](Self::child_of)`(parent.context())` when the parent is not sampled.
+    pub fn child_of_span(mut self, parent: &Span) -> Self {
+        self.parent = match &parent.kind {
+            SpanKind_::Unsampled { sc, base, .. } => Parent::Unsampled {
+                sc: sc.clone(),
+                base: base.clone(),
+            },
+            SpanKind_::Recording(cx) | SpanKind_::Disabled(cx) => Parent::Context(cx.clone()),
+        };
         self
     }
 
     /// Makes the span a root, whatever the current context.
     pub fn root(mut self) -> Self {
-        self.parent = Some(Context::new());
+        self.parent = Parent::Context(Context::new());
         self
     }
 
@@ -431,95 +478,201 @@ impl SpanStart<'_> {
     }
 
     /// Starts the span.
+    ///
+    /// The sampling decision is taken first: a span that is not sampled (a root the ratio
+    /// drops, or a child of an unsampled parent) is no SDK span at all, only its ids and
+    /// flags — enough to propagate `traceparent` with `sampled=0` and for its children to
+    /// follow the decision. Sampled spans are SDK spans.
     pub fn start(self) -> Span {
-        match (&self.tracer.inner, self.builder) {
-            (Some(inner), Some(builder)) => {
-                let parent = self.parent.unwrap_or_else(Context::current);
-                let span = inner.tracer.build_with_context(builder, &parent);
-                Span {
-                    cx: parent.with_span(span),
-                    owned: true,
-                }
+        let (Some(inner), Some(builder)) = (&self.tracer.inner, self.builder) else {
+            return Span::disabled();
+        };
+        let parent = match self.parent {
+            Parent::Unsampled { sc, base } if !inner.sdk_only => {
+                return Span::unsampled(child_context(&sc), base);
             }
-            _ => Span {
-                cx: Context::new(),
-                owned: false,
-            },
+            Parent::Unsampled { sc, base } => base.with_remote_span_context(sc),
+            Parent::Context(cx) => cx,
+            Parent::Current => Context::current(),
+        };
+        if inner.sdk_only || parent.is_telemetry_suppressed() {
+            return Span::recording(inner, builder, parent);
         }
+        let span = parent.span();
+        let psc = span.span_context();
+        if psc.is_valid() {
+            if psc.is_sampled() {
+                return Span::recording(inner, builder, parent);
+            }
+            // Parent-based: a child of an unsampled span is not sampled either.
+            let sc = child_context(psc);
+            return Span::unsampled(sc, parent);
+        }
+        let trace_id = ids::trace_id();
+        if inner.ratio.keeps(trace_id) {
+            ids::hand_over(trace_id);
+            let span = Span::recording(inner, builder, parent);
+            ids::clear_hand_over();
+            return span;
+        }
+        let sc = SpanContext::new(
+            trace_id,
+            ids::span_id(),
+            TraceFlags::default(),
+            false,
+            TraceState::NONE,
+        );
+        Span::unsampled(sc, parent)
     }
+}
+
+/// The context of an unsampled child of `parent`: same trace, new span id, not sampled.
+fn child_context(parent: &SpanContext) -> SpanContext {
+    SpanContext::new(
+        parent.trace_id(),
+        ids::span_id(),
+        parent.trace_flags().with_sampled(false),
+        false,
+        parent.trace_state().clone(),
+    )
 }
 
 /// A unit of work in a trace. Ends when [`finish`](Span::finish)ed or dropped.
 ///
 /// All setters are no-ops on spans that are not sampled or come from a disabled tracer.
 pub struct Span {
-    cx: Context,
-    /// False when the tracer is disabled (`cx` is then empty).
-    owned: bool,
+    kind: SpanKind_,
+}
+
+enum SpanKind_ {
+    /// From a disabled tracer: an empty context.
+    Disabled(Context),
+    /// An SDK span (sampled, or every span with `sdk_only`), in its context.
+    Recording(Context),
+    /// Not sampled: ids and flags only. `cx` (the parent's context with this span context
+    /// in it) is built on first use of [`Span::context`].
+    Unsampled {
+        sc: SpanContext,
+        base: Context,
+        cx: OnceLock<Context>,
+    },
 }
 
 impl fmt::Debug for Span {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let span = self.cx.span();
-        let sc = span.span_context();
-        f.debug_struct("Span")
-            .field("trace_id", &sc.trace_id())
-            .field("span_id", &sc.span_id())
-            .field("sampled", &sc.is_sampled())
-            .finish()
+        self.with_span_context(|sc| {
+            f.debug_struct("Span")
+                .field("trace_id", &sc.trace_id())
+                .field("span_id", &sc.span_id())
+                .field("sampled", &sc.is_sampled())
+                .finish()
+        })
     }
 }
 
 impl Span {
+    fn disabled() -> Span {
+        Span {
+            kind: SpanKind_::Disabled(Context::new()),
+        }
+    }
+
+    fn recording(inner: &Inner, builder: SpanBuilder, parent: Context) -> Span {
+        let span = inner.tracer.build_with_context(builder, &parent);
+        Span {
+            kind: SpanKind_::Recording(parent.with_span(span)),
+        }
+    }
+
+    fn unsampled(sc: SpanContext, base: Context) -> Span {
+        Span {
+            kind: SpanKind_::Unsampled {
+                sc,
+                base,
+                cx: OnceLock::new(),
+            },
+        }
+    }
+
+    fn with_span_context<T>(&self, f: impl FnOnce(&SpanContext) -> T) -> T {
+        match &self.kind {
+            SpanKind_::Disabled(cx) | SpanKind_::Recording(cx) => f(cx.span().span_context()),
+            SpanKind_::Unsampled { sc, .. } => f(sc),
+        }
+    }
+
+    /// The SDK span's context, when this is one.
+    fn recorded(&self) -> Option<&Context> {
+        match &self.kind {
+            SpanKind_::Recording(cx) => Some(cx),
+            _ => None,
+        }
+    }
+
+    /// The span's ids and the context (baggage, …) it was started in, without building a
+    /// context for an unsampled span: what propagation needs.
+    pub(crate) fn with_parts<T>(&self, f: impl FnOnce(&SpanContext, &Context) -> T) -> T {
+        match &self.kind {
+            SpanKind_::Unsampled { sc, base, .. } => f(sc, base),
+            SpanKind_::Disabled(cx) | SpanKind_::Recording(cx) => f(cx.span().span_context(), cx),
+        }
+    }
+
     /// The context holding this span: the parent for children and what gets injected into
     /// outgoing headers.
     pub fn context(&self) -> &Context {
-        &self.cx
+        match &self.kind {
+            SpanKind_::Disabled(cx) | SpanKind_::Recording(cx) => cx,
+            SpanKind_::Unsampled { sc, base, cx } => {
+                cx.get_or_init(|| base.with_remote_span_context(sc.clone()))
+            }
+        }
     }
 
     /// The span's ids and sampling flag.
     pub fn span_context(&self) -> SpanContext {
-        self.cx.span().span_context().clone()
+        self.with_span_context(SpanContext::clone)
     }
 
     /// The trace id as 32 hex digits (all zeros when there is no trace).
     pub fn trace_id(&self) -> String {
-        self.cx.span().span_context().trace_id().to_string()
+        self.with_span_context(|sc| sc.trace_id().to_string())
     }
 
     /// The span id as 16 hex digits.
     pub fn span_id(&self) -> String {
-        self.cx.span().span_context().span_id().to_string()
+        self.with_span_context(|sc| sc.span_id().to_string())
     }
 
     /// Whether the span will be exported.
     pub fn is_sampled(&self) -> bool {
-        self.owned && self.cx.span().span_context().is_sampled()
+        self.recorded()
+            .is_some_and(|cx| cx.span().span_context().is_sampled())
     }
 
     /// Whether setters record anything (sampled and not finished).
     pub fn is_recording(&self) -> bool {
-        self.owned && self.cx.span().is_recording()
+        self.recorded().is_some_and(|cx| cx.span().is_recording())
     }
 
     /// Sets a tag — the seed's `setTag`.
     pub fn set_tag(&self, key: impl Into<Key>, value: impl Into<Value>) {
-        if self.owned {
-            self.cx.span().set_attribute(KeyValue::new(key, value));
+        if let Some(cx) = self.recorded() {
+            cx.span().set_attribute(KeyValue::new(key, value));
         }
     }
 
     /// Renames the span (for example once the route is known).
     pub fn set_name(&self, name: impl Into<Cow<'static, str>>) {
-        if self.owned {
-            self.cx.span().update_name(name.into());
+        if let Some(cx) = self.recorded() {
+            cx.span().update_name(name.into());
         }
     }
 
     /// Adds a log line — the seed's `log`.
     pub fn log(&self, message: impl Into<Cow<'static, str>>) {
-        if self.owned {
-            self.cx.span().add_event(message, Vec::new());
+        if let Some(cx) = self.recorded() {
+            cx.span().add_event(message, Vec::new());
         }
     }
 
@@ -529,21 +682,25 @@ impl Span {
         name: impl Into<Cow<'static, str>>,
         fields: impl IntoIterator<Item = (&'static str, Value)>,
     ) {
-        if self.owned && self.is_recording() {
+        if let Some(cx) = self.recorded()
+            && self.is_recording()
+        {
             let fields = fields
                 .into_iter()
                 .map(|(k, v)| KeyValue::new(k, v))
                 .collect();
-            self.cx.span().add_event(name, fields);
+            cx.span().add_event(name, fields);
         }
     }
 
     /// Marks the span failed: tag `error=true`, an `exception` log with the message, and
     /// an error status — the seed's `setTag('error', true); log({ error })`.
     pub fn set_error(&self, message: impl fmt::Display) {
-        if self.owned && self.is_recording() {
+        if let Some(cx) = self.recorded()
+            && self.is_recording()
+        {
             let message = message.to_string();
-            let span = self.cx.span();
+            let span = cx.span();
             span.set_attribute(KeyValue::new("error", true));
             span.add_event(
                 "exception",
@@ -555,15 +712,17 @@ impl Span {
 
     /// Marks the span successful (overrides an earlier error status).
     pub fn set_ok(&self) {
-        if self.owned {
-            self.cx.span().set_status(Status::Ok);
+        if let Some(cx) = self.recorded() {
+            cx.span().set_status(Status::Ok);
         }
     }
 
     /// Links this span to another one.
     pub fn add_link(&self, span_context: SpanContext) {
-        if self.owned && span_context.is_valid() {
-            self.cx.span().add_link(span_context, Vec::new());
+        if let Some(cx) = self.recorded()
+            && span_context.is_valid()
+        {
+            cx.span().add_link(span_context, Vec::new());
         }
     }
 
@@ -574,20 +733,20 @@ impl Span {
 
     /// Makes this span the current context until the guard drops (synchronous code).
     pub fn enter(&self) -> ContextGuard {
-        self.cx.clone().attach()
+        self.context().clone().attach()
     }
 
     /// Runs `future` with this span as its current context, so spans started inside (store
     /// operations, client calls, `tracing` spans) become its children.
     pub fn in_scope<F: Future>(&self, future: F) -> WithContext<F> {
-        future.with_context(self.cx.clone())
+        future.with_context(self.context().clone())
     }
 }
 
 impl Drop for Span {
     fn drop(&mut self) {
-        if self.owned {
-            self.cx.span().end();
+        if let Some(cx) = self.recorded() {
+            cx.span().end();
         }
     }
 }
@@ -631,5 +790,139 @@ mod tests {
         let span = tracer.start_span("x");
         span.set_tag("k", "v");
         assert!(!span.is_sampled());
+    }
+
+    #[test]
+    fn an_unsampled_root_and_its_children_are_ids_only_and_follow_the_decision() {
+        let buffer = TraceBuffer::new(100);
+        let tracer = DistributedTracer::builder("svc")
+            .sampling_rate(0.0)
+            .buffer(buffer.clone())
+            .build()
+            .unwrap();
+        let root = tracer.start_span("root");
+        assert!(matches!(root.kind, SpanKind_::Unsampled { .. }));
+        let sc = root.span_context();
+        assert!(sc.is_valid() && !sc.is_sampled());
+        let child = tracer.span("child").child_of_span(&root).start();
+        let grandchild = tracer.span("grandchild").child_of(child.context()).start();
+        for span in [&child, &grandchild] {
+            let csc = span.span_context();
+            assert_eq!(csc.trace_id(), sc.trace_id(), "children keep the trace");
+            assert_ne!(csc.span_id(), sc.span_id());
+            assert!(!csc.is_sampled() && !span.is_recording());
+        }
+        // A span started in an unsampled span's scope follows it too.
+        let scoped = {
+            let _guard = root.enter();
+            tracer.start_span("scoped")
+        };
+        assert_eq!(scoped.span_context().trace_id(), sc.trace_id());
+        assert!(!scoped.is_sampled());
+        drop((root, child, grandchild, scoped));
+        assert_eq!(buffer.span_count(), 0);
+    }
+
+    #[test]
+    fn kept_roots_are_sdk_spans_with_the_trace_id_the_decision_was_made_on() {
+        let buffer = TraceBuffer::new(100_000);
+        let tracer = DistributedTracer::builder("svc")
+            .sampling_rate(0.5)
+            .buffer(buffer.clone())
+            .build()
+            .unwrap();
+        let ratio = Ratio::new(0.5);
+        let mut kept = 0;
+        for _ in 0..2_000 {
+            let span = tracer.start_span("root");
+            let sc = span.span_context();
+            // The SDK sampled exactly the roots the ratio keeps, on the same id.
+            assert_eq!(sc.is_sampled(), ratio.keeps(sc.trace_id()));
+            assert_eq!(span.is_recording(), sc.is_sampled());
+            if sc.is_sampled() {
+                kept += 1;
+                let child = tracer.start_child("child", &span);
+                assert!(child.is_sampled(), "children of sampled spans are sampled");
+            }
+        }
+        assert!((850..=1150).contains(&kept), "kept {kept} of 2000 at 0.5");
+        assert_eq!(buffer.span_count(), 2 * kept);
+    }
+
+    #[test]
+    fn the_fast_header_writer_writes_what_the_generic_propagator_writes_but_less_for_unsampled_spans()
+     {
+        use opentelemetry::baggage::BaggageExt as _;
+        use opentelemetry::propagation::TextMapPropagator as _;
+        use opentelemetry::trace::{SpanId, TraceId};
+
+        let base = Context::new().with_baggage([KeyValue::new("user", "u 1")]);
+        for b3 in [B3Encoding::Multi, B3Encoding::Single, B3Encoding::None] {
+            let propagator = Propagator::new(b3);
+            for (sampled, state) in [(true, ""), (false, ""), (false, "congo=t61,rojo=00f0")] {
+                let sc = SpanContext::new(
+                    TraceId::from_hex("4bf92f3577b34da6a3ce929d0e0e4736").unwrap(),
+                    SpanId::from_hex("00f067aa0ba902b7").unwrap(),
+                    if sampled {
+                        TraceFlags::SAMPLED
+                    } else {
+                        TraceFlags::default()
+                    },
+                    false,
+                    state.parse().unwrap(),
+                );
+                for cx in [Context::new(), base.clone()] {
+                    let mut generic = http::HeaderMap::new();
+                    propagator.inject_context(
+                        &cx.with_remote_span_context(sc.clone()),
+                        &mut crate::HeaderInjector(&mut generic),
+                    );
+                    // The fast writer leaves an empty tracestate out, and B3 for an
+                    // unsampled span whose trace did not come in over B3.
+                    if state.is_empty() {
+                        generic.remove("tracestate");
+                    }
+                    let mut without_b3 = generic.clone();
+                    for name in ["b3", "x-b3-traceid", "x-b3-spanid", "x-b3-sampled"] {
+                        without_b3.remove(name);
+                    }
+                    let mut fast = http::HeaderMap::new();
+                    propagator.inject_span_headers(&sc, &cx, &mut fast);
+                    let expected = if sampled { &generic } else { &without_b3 };
+                    assert_eq!(&fast, expected, "{b3:?} sampled={sampled} state={state:?}");
+                }
+                // A trace that came in over B3 gets B3 back, sampled or not.
+                let mut incoming = http::HeaderMap::new();
+                incoming.insert(
+                    "b3",
+                    format!(
+                        "4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-{}",
+                        u8::from(sampled)
+                    )
+                    .parse()
+                    .unwrap(),
+                );
+                let extracted = propagator.extract_headers(&incoming);
+                let mut generic = http::HeaderMap::new();
+                propagator.inject_context(
+                    &extracted.with_remote_span_context(sc.clone()),
+                    &mut crate::HeaderInjector(&mut generic),
+                );
+                if state.is_empty() {
+                    generic.remove("tracestate");
+                }
+                let mut fast = http::HeaderMap::new();
+                propagator.inject_span_headers(&sc, &extracted, &mut fast);
+                assert_eq!(fast, generic, "over B3: {b3:?} sampled={sampled}");
+            }
+        }
+        assert!(
+            Propagator::default()
+                .extract_headers(&http::HeaderMap::new())
+                .span()
+                .span_context()
+                .trace_id()
+                == TraceId::INVALID
+        );
     }
 }
