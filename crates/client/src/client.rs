@@ -15,8 +15,9 @@ use trellis_resilience::breaker::{BreakerConfig, BreakerSnapshot, CircuitBreaker
 use trellis_resilience::retry::{Backoff, BudgetSnapshot, RetryBudget};
 use trellis_tracing::DistributedTracer;
 
-use crate::endpoints::Endpoints;
+use crate::endpoints::{Endpoints, Source};
 use crate::error::{BuildError, ClientError};
+use crate::fixed::{RequestHeaders, StaticEndpoint};
 use crate::request::RequestBuilder;
 use crate::timer::Timers;
 
@@ -50,6 +51,8 @@ pub(crate) struct Inner {
     pub(crate) timers: Timers,
     /// Client spans per attempt; `None` (the default) costs nothing.
     pub(crate) tracer: Option<DistributedTracer>,
+    /// Adds headers to every request (a mesh's request id and B3 headers).
+    pub(crate) request_headers: Option<RequestHeaders>,
 }
 
 /// A client for one service found in the registry — the seed's
@@ -101,7 +104,15 @@ impl ServiceClient {
 
     /// A builder for a client of `service`.
     pub fn builder(service: &str, registry: &ServiceRegistry) -> ServiceClientBuilder {
-        ServiceClientBuilder::new(service, registry.clone())
+        ServiceClientBuilder::new(service, Source::Registry(registry.clone()))
+    }
+
+    /// A builder for a client of `service` that sends every request to `endpoint` instead
+    /// of instances from a registry — the same as
+    /// [`builder`](Self::builder)`(…).`[`static_endpoint`](ServiceClientBuilder::static_endpoint)`(endpoint)`
+    /// without a registry.
+    pub fn static_builder(service: &str, endpoint: StaticEndpoint) -> ServiceClientBuilder {
+        ServiceClientBuilder::new(service, Source::Static(endpoint))
     }
 
     /// The service this client calls.
@@ -217,7 +228,8 @@ impl ServiceClient {
 #[must_use]
 pub struct ServiceClientBuilder {
     service: String,
-    registry: ServiceRegistry,
+    source: Source,
+    request_headers: Option<RequestHeaders>,
     timeout: Duration,
     attempt_timeout: Option<Duration>,
     connect_timeout: Duration,
@@ -236,10 +248,11 @@ pub struct ServiceClientBuilder {
 }
 
 impl ServiceClientBuilder {
-    fn new(service: &str, registry: ServiceRegistry) -> Self {
+    fn new(service: &str, source: Source) -> Self {
         ServiceClientBuilder {
             service: service.to_owned(),
-            registry,
+            source,
+            request_headers: None,
             timeout: DEFAULT_TIMEOUT,
             attempt_timeout: None,
             connect_timeout: DEFAULT_CONNECT_TIMEOUT,
@@ -391,6 +404,25 @@ impl ServiceClientBuilder {
         self
     }
 
+    /// Sends every request to `endpoint` — one fixed address, such as a service mesh's name
+    /// for the service — instead of the instances the registry lists. The balancer then
+    /// holds that one endpoint, with its breaker and outlier detection when they are on.
+    /// When the endpoint has a [`resolve_to`](StaticEndpoint::resolve_to) address, the
+    /// HTTP client built here connects there (not with a supplied
+    /// [`http_client`](Self::http_client), whose own resolution applies). Defaults to the
+    /// registry.
+    pub fn static_endpoint(mut self, endpoint: StaticEndpoint) -> Self {
+        self.source = Source::Static(endpoint);
+        self
+    }
+
+    /// Calls `hook` with the headers of every request just before it is sent, after the
+    /// trace context and default headers were added. Defaults to none.
+    pub fn request_headers(mut self, hook: RequestHeaders) -> Self {
+        self.request_headers = Some(hook);
+        self
+    }
+
     /// Checks the settings and builds the client.
     pub fn build(self) -> Result<ServiceClient, BuildError> {
         validate_name(NameKind::Service, &self.service)?;
@@ -434,7 +466,13 @@ impl ServiceClientBuilder {
                 (!self.default_headers.is_empty()).then_some(self.default_headers),
             ),
             None => {
-                let http = reqwest::Client::builder()
+                let mut http = reqwest::Client::builder();
+                if let Source::Static(endpoint) = &self.source
+                    && let Some(addr) = endpoint.resolved()
+                {
+                    http = http.resolve(endpoint.host(), addr);
+                }
+                let http = http
                     .default_headers(self.default_headers)
                     .connect_timeout(self.connect_timeout)
                     .pool_max_idle_per_host(self.pool_max_idle_per_host)
@@ -450,7 +488,7 @@ impl ServiceClientBuilder {
             inner: Arc::new(Inner {
                 endpoints: Endpoints::new(
                     service.clone(),
-                    self.registry,
+                    self.source,
                     balancer.build()?,
                     breakers,
                 ),
@@ -468,6 +506,7 @@ impl ServiceClientBuilder {
                 max_response_bytes: self.max_response_bytes,
                 timers: Timers::default(),
                 tracer: self.tracer,
+                request_headers: self.request_headers,
             }),
         })
     }

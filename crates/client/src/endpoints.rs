@@ -7,6 +7,9 @@
 //! their counters, ejections and breakers. Reading on every call rather than in a `watch`
 //! task means a client needs no background task, cannot fall behind, and sees lease
 //! expiries (which the snapshot applies at read time) at once.
+//!
+//! A client with a [`StaticEndpoint`] instead of a registry (a client going through a
+//! service mesh) has one endpoint, set once: `sync` has nothing to do.
 
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
@@ -17,6 +20,16 @@ use trellis_resilience::balance::{Endpoint, LoadBalancer, Outcome, PickContext, 
 use trellis_resilience::breaker::{CircuitBreaker, CircuitBreakers, Permit};
 
 use crate::error::ClientError;
+use crate::fixed::StaticEndpoint;
+
+/// Where a client's instances come from.
+#[derive(Debug, Clone)]
+pub(crate) enum Source {
+    /// The registry snapshot, read on every call.
+    Registry(ServiceRegistry),
+    /// One fixed address.
+    Static(StaticEndpoint),
+}
 
 /// The metadata key read as an instance's weight for the `weighted` strategy.
 pub const WEIGHT_METADATA: &str = "weight";
@@ -68,7 +81,8 @@ impl Known {
 /// The instances of one service, a balancer over them, and their breakers.
 pub(crate) struct Endpoints {
     service: Arc<str>,
-    registry: ServiceRegistry,
+    /// `None` for a static endpoint, installed once at construction.
+    registry: Option<ServiceRegistry>,
     balancer: LoadBalancer<Target>,
     breakers: Option<CircuitBreakers<String>>,
     known: ArcSwap<Vec<Known>>,
@@ -115,18 +129,40 @@ impl Chosen {
 impl Endpoints {
     pub(crate) fn new(
         service: Arc<str>,
-        registry: ServiceRegistry,
+        source: Source,
         balancer: LoadBalancer<Target>,
         breakers: Option<CircuitBreakers<String>>,
     ) -> Self {
-        Endpoints {
+        let (registry, fixed) = match source {
+            Source::Registry(registry) => (Some(registry), None),
+            Source::Static(endpoint) => (None, Some(endpoint)),
+        };
+        let endpoints = Endpoints {
             service,
             registry,
             balancer,
             breakers,
             known: ArcSwap::from_pointee(Vec::new()),
             update: Mutex::new(()),
+        };
+        if let Some(endpoint) = fixed {
+            let address = endpoint.address();
+            let id: Arc<str> = Arc::from(address.as_str());
+            let breaker = endpoints
+                .breakers
+                .as_ref()
+                .map(|b| b.get(&format!("{}/{}", endpoints.service, id)));
+            endpoints.balancer.update(vec![Endpoint::new(
+                id.clone(),
+                Target {
+                    id,
+                    base: Ok(endpoint.url().clone()),
+                    address: address.into(),
+                    breaker,
+                },
+            )]);
         }
+        endpoints
     }
 
     pub(crate) fn balancer(&self) -> &LoadBalancer<Target> {
@@ -139,13 +175,16 @@ impl Endpoints {
 
     /// Brings the balancer up to date with the registry snapshot.
     pub(crate) fn sync(&self) {
-        let found = self.registry.discover(&self.service);
+        let Some(registry) = &self.registry else {
+            return;
+        };
+        let found = registry.discover(&self.service);
         if self.matches(&found) {
             return;
         }
         let _update = self.update.lock().unwrap_or_else(PoisonError::into_inner);
         // Read again under the lock, so an older snapshot never overwrites a newer one.
-        let found = self.registry.discover(&self.service);
+        let found = registry.discover(&self.service);
         if self.matches(&found) {
             return;
         }

@@ -93,6 +93,7 @@ mod client;
 mod context;
 mod endpoints;
 mod error;
+mod fixed;
 mod request;
 mod response;
 mod timer;
@@ -104,5 +105,6 @@ pub use client::{
 pub use context::{BAGGAGE, CallContext, DEADLINE_HEADER, TRACEPARENT, TRACESTATE};
 pub use endpoints::WEIGHT_METADATA;
 pub use error::{BuildError, ClientError, MAX_ERROR_BODY};
+pub use fixed::{RequestHeaders, StaticEndpoint};
 pub use request::RequestBuilder;
 pub use response::ServiceResponse;

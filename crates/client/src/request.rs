@@ -209,6 +209,9 @@ impl RequestBuilder {
                 }
             }
         }
+        if let Some(hook) = &inner.request_headers {
+            hook.apply(&mut headers);
+        }
         // With a tracer, the attempts' spans are children of the caller's context: the one
         // given to this request, else the current OpenTelemetry span, else the
         // `CallContext` scope (already in `headers`).

@@ -15,6 +15,9 @@
 //! - [`ServiceMesh::client_target`], [`PROPAGATED_HEADERS`], [`propagate_headers`],
 //!   [`detect_mesh`]: the mesh DNS name of a service, the trace headers to pass on, and which
 //!   mesh this process runs in.
+//! - With the `client` feature, [`ServiceMesh::create_client`]: a `ServiceClient` aimed at
+//!   the mesh's name for a service, its own retries and breaker off, passing on the B3
+//!   headers and `x-request-id` of the request being served (`MeshContext`).
 //!
 //! It is not a mesh and does not talk to one: it applies nothing to a cluster (the deployer
 //! or `kubectl apply` does), and it does not install Istio, Linkerd or Consul.
@@ -82,6 +85,8 @@ mod error;
 mod istio;
 mod k8s;
 mod linkerd;
+#[cfg(feature = "client")]
+pub mod mesh_client;
 mod names;
 mod options;
 
@@ -92,6 +97,8 @@ pub use client::{
     propagate_headers,
 };
 pub use error::MeshError;
+#[cfg(feature = "client")]
+pub use mesh_client::{MeshClientOptions, MeshContext, REQUEST_ID};
 pub use options::{
     CircuitBreaker, ConnectionPool, MeshConfig, MeshPolicy, MeshProvider, RetryPolicy,
     SidecarConfig,
