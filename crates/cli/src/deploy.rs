@@ -2,7 +2,9 @@
 //! local platform.
 //!
 //! Everything the user gave is checked before anything starts: flags, the spec file, the
-//! spec for the platform, the version. Bad input prints `error: …` naming what was wrong
+//! spec for the platform, the version. Deployments through the deployer (local, and
+//! blue-green) keep their record in the store given, where the admin node's
+//! `GET /v1/deployments` reads it. Bad input prints `error: …` naming what was wrong
 //! and exits with code 2 (as clap does for bad flags); failures while deploying exit 1.
 
 use std::path::{Path, PathBuf};
@@ -277,14 +279,18 @@ async fn deploy_one(args: DeployOne) -> Result<(), Failure> {
     }
 }
 
-async fn open_registry(store: &StoreArgs) -> Result<ServiceRegistry, Failure> {
+/// The store (where deployment records go too) and the registry on it.
+async fn open_registry(
+    store: &StoreArgs,
+) -> Result<(trellis_store::Store, ServiceRegistry), Failure> {
     let url = store.url();
     let opened = trellis_store::Store::open(&url)
         .await
         .map_err(|e| bad(format!("--store {url}: {e}")))?;
-    ServiceRegistry::start(&opened, RegistryOptions::default())
+    let registry = ServiceRegistry::start(&opened, RegistryOptions::default())
         .await
-        .map_err(|e| failed(format!("registry on {url}: {e}")))
+        .map_err(|e| failed(format!("registry on {url}: {e}")))?;
+    Ok((opened, registry))
 }
 
 fn print_replicas(replicas: &[ReplicaStatus]) {
@@ -317,9 +323,10 @@ async fn local(
     trellis_deploy::render_local(name, version, namespace, &spec)
         .map_err(|e| bad(e.to_string()))?;
     crate::init_logging();
-    let registry = open_registry(&args.store).await?;
+    let (store, registry) = open_registry(&args.store).await?;
     let deployer = ServiceDeployer::builder(Platform::Local, registry.clone())
         .namespace(namespace)
+        .store(store)
         .build()
         .map_err(|e| bad(e.to_string()))?;
     let deployment = match deployer.deploy_version(name, version, &spec).await {
@@ -570,10 +577,11 @@ async fn blue_green(args: BlueGreenArgs) -> Result<(), Failure> {
         .map_err(|e| bad(format!("--metrics-url: {e}")))?;
 
     crate::init_logging();
-    let registry = open_registry(&args.store).await?;
+    let (store, registry) = open_registry(&args.store).await?;
     let deployer = ServiceDeployer::builder(Platform::Local, registry.clone())
         .namespace(&namespace)
         .metrics(metrics)
+        .store(store)
         .build()
         .map_err(|e| bad(e.to_string()))?;
     let name = args.name.as_str();

@@ -371,11 +371,21 @@ fn blue_green_bad_options_exit_2_naming_each() {
     );
 }
 
-/// A `trellis deploy` child, killed when dropped (the test failed before SIGTERM).
+/// A `trellis deploy` child, stopped when dropped (the test failed before SIGTERM):
+/// SIGTERM first, so that it stops the replicas it supervises, then SIGKILL after 10 s.
 struct Running(Child);
 
 impl Drop for Running {
     fn drop(&mut self) {
+        if let Ok(None) = self.0.try_wait() {
+            let _ = Command::new("kill")
+                .args(["-TERM", &self.0.id().to_string()])
+                .status();
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while Instant::now() < deadline && matches!(self.0.try_wait(), Ok(None)) {
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
         let _ = self.0.kill();
         let _ = self.0.wait();
     }
@@ -717,4 +727,330 @@ port = 8080
         removed.status.success(),
         "the container was not there to remove"
     );
+}
+
+/// A spec serving `/v` (`{version} ok`) and `/health` with busybox httpd on `$PORT`, each
+/// replica from its own directory under `dir`.
+fn httpd_local_spec(dir: &Path) -> String {
+    let busybox = ["/bin/busybox", "/usr/bin/busybox"]
+        .into_iter()
+        .find(|p| Path::new(p).exists())
+        .expect("busybox is needed to serve HTTP in this test");
+    write(
+        dir,
+        "spec.toml",
+        &format!(
+            r#"
+command = ["/bin/sh", "-c", "d={root}/www-$TRELLIS_INSTANCE_ID; mkdir -p $d; echo ok > $d/health; echo \"$TRELLIS_VERSION ok\" > $d/v; exec {busybox} httpd -f -p 127.0.0.1:$PORT -h $d"]
+replicas = 2
+[health_check]
+path = "/health"
+port = 18490
+"#,
+            root = dir.display()
+        ),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn blue_green_on_local_promotes_and_prints_every_decision() {
+    let dir = tempfile::tempdir().unwrap();
+    let spec = httpd_local_spec(dir.path());
+    let store_url = format!("sqlite://{}/trellis.db", dir.path().display());
+    let service = format!("bg{}", std::process::id());
+    // A node sharing the store: its gateway routes by weight, its /metrics has the
+    // gateway's per-version figures the analysis reads.
+    let settings = trellis_admin::Settings::from_toml(
+        &format!(
+            r#"
+[store]
+url = "{store_url}"
+[admin]
+listen = "127.0.0.1:0"
+[registry]
+health_check_interval = "200ms"
+refresh_interval = "50ms"
+[gateway]
+listen = "127.0.0.1:0"
+[[gateway.routes]]
+path = "/api/*"
+service = "{service}"
+strip_prefix = "/api"
+load_balancer = "weighted"
+"#
+        ),
+        "test",
+    )
+    .unwrap();
+    let node = trellis_admin::Node::start(settings).await.unwrap();
+    let gateway = node.gateway_addr().unwrap();
+    let metrics_url = format!("http://{}/metrics", node.admin_addr());
+
+    let mut child = Running(
+        Command::new(TRELLIS)
+            .args(["deploy", "blue-green", &service])
+            .args(["--current-version", "1.0.0", "--new-version", "2.0.0"])
+            .args(["--split", "70:30", "--spec", &spec])
+            .args(["--metrics-url", &metrics_url])
+            .args([
+                "--window",
+                "3s",
+                "--interval",
+                "500ms",
+                "--min-requests",
+                "10",
+            ])
+            .args(["--store", &store_url])
+            .env("RUST_LOG", "warn")
+            .env_remove("TRELLIS_STORE")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .unwrap(),
+    );
+    let stdout = child.0.stdout.take().unwrap();
+    let (lines_tx, lines_rx) = std::sync::mpsc::channel::<String>();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            if lines_tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+
+    // Blue ready, then answering through the gateway (the node's registry refreshes every
+    // 50 ms); only then the load starts, so every request should succeed.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut lines = Vec::new();
+    while !lines
+        .iter()
+        .any(|l: &String| l.contains("(blue) on local, 2 replicas ready"))
+    {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let line = lines_rx
+            .recv_timeout(left)
+            .unwrap_or_else(|_| panic!("blue never got ready: {lines:#?}"));
+        lines.push(line);
+    }
+    let probe = reqwest::Client::new();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let ok = probe
+            .get(format!("http://{gateway}/api/v"))
+            .send()
+            .await
+            .is_ok_and(|r| r.status().is_success());
+        if ok {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "blue never answered through the gateway"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+
+    // A constant load through the gateway, bounded in count and time.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let load = tokio::spawn({
+        let stop = stop.clone();
+        async move {
+            let http = reqwest::Client::builder()
+                .timeout(Duration::from_secs(5))
+                .build()
+                .unwrap();
+            let deadline = Instant::now() + Duration::from_secs(90);
+            let mut by_body = std::collections::BTreeMap::<String, u64>::new();
+            let mut sent = 0u64;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed)
+                && sent < 50_000
+                && Instant::now() < deadline
+            {
+                sent += 1;
+                let body = match http.get(format!("http://{gateway}/api/v")).send().await {
+                    Ok(r) => format!(
+                        "{} {}",
+                        r.status().as_u16(),
+                        r.text().await.unwrap_or_default().trim()
+                    ),
+                    Err(e) => format!("error {e}"),
+                };
+                *by_body.entry(body).or_default() += 1;
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            by_body
+        }
+    });
+
+    // Every line until the outcome.
+    let deadline = Instant::now() + Duration::from_secs(90);
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let line = lines_rx
+            .recv_timeout(left)
+            .unwrap_or_else(|_| panic!("no outcome from trellis deploy blue-green: {lines:#?}"));
+        let done = line.contains("trellis deploy: outcome");
+        lines.push(line);
+        if done {
+            break;
+        }
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let by_body = load.await.unwrap();
+    println!("{}", lines.join("\n"));
+    println!("load through the gateway: {by_body:?}");
+
+    assert!(
+        lines.iter().any(|l| l.contains(&format!(
+            "{service} 1.0.0 (blue) on local, 2 replicas ready"
+        ))),
+        "{lines:#?}"
+    );
+    assert!(
+        lines.last().unwrap().contains("outcome Promoted"),
+        "{lines:#?}"
+    );
+    // The decisions, printed with their figures, in order.
+    let actions: Vec<&str> = lines
+        .iter()
+        .filter(|l| l.contains(" requests ") && l.contains(" error_rate "))
+        .filter_map(|l| l.split_whitespace().next())
+        .collect();
+    assert_eq!(actions.first(), Some(&"start"), "{lines:#?}");
+    assert_eq!(actions.get(1), Some(&"split"), "{lines:#?}");
+    assert_eq!(actions.last(), Some(&"promote"), "{lines:#?}");
+    assert!(
+        actions[2..actions.len() - 1].iter().all(|a| *a == "check"),
+        "{actions:?}"
+    );
+    let split = lines
+        .iter()
+        .find(|l| l.trim_start().starts_with("split"))
+        .unwrap();
+    assert!(
+        split.contains("blue 1.0.0 70%") && split.contains("green 2.0.0 30%"),
+        "{split}"
+    );
+    let promote = lines
+        .iter()
+        .find(|l| l.trim_start().starts_with("promote"))
+        .unwrap();
+    let requests: u64 = promote
+        .split_whitespace()
+        .skip_while(|w| *w != "requests")
+        .nth(1)
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(requests >= 10, "green judged on its own traffic: {promote}");
+    // Both versions answered through the gateway, and nothing failed.
+    assert!(by_body.keys().any(|b| b == "200 1.0.0 ok"), "{by_body:?}");
+    assert!(by_body.keys().any(|b| b == "200 2.0.0 ok"), "{by_body:?}");
+    assert!(by_body.keys().all(|b| b.starts_with("200 ")), "{by_body:?}");
+
+    // The record another process (the admin node) reads.
+    let store = trellis_store::Store::open(&store_url).await.unwrap();
+    let record = trellis_deploy::DeploymentRecords::new(store)
+        .get("default", &service)
+        .await
+        .unwrap()
+        .expect("a deployment record in the store");
+    assert_eq!(record.state, trellis_deploy::DeploymentState::Promoted);
+    assert_eq!(record.decisions.len(), actions.len());
+
+    // SIGTERM: green stopped and deregistered, exit 0.
+    let status = Command::new("kill")
+        .args(["-TERM", &child.0.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let exit = loop {
+        if let Some(exit) = child.0.try_wait().unwrap() {
+            break exit;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "trellis deploy did not stop on SIGTERM"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(exit.code(), Some(0), "{exit:?}");
+    node.shutdown().await.unwrap();
+}
+
+#[test]
+fn blue_green_bad_flags_exit_2_naming_the_flag() {
+    let dir = tempfile::tempdir().unwrap();
+    let spec = httpd_local_spec(dir.path());
+    let store = format!("sqlite://{}/trellis.db", dir.path().display());
+    let base = |extra: &[&str]| {
+        let mut args = vec![
+            "deploy",
+            "blue-green",
+            "shop",
+            "--current-version",
+            "1.0.0",
+            "--new-version",
+            "2.0.0",
+            "--store",
+            &store,
+        ];
+        args.extend_from_slice(extra);
+        trellis(&args)
+    };
+    let metrics = "http://127.0.0.1:1/metrics";
+    for (extra, flag) in [
+        (
+            vec![
+                "--spec",
+                &spec,
+                "--metrics-url",
+                metrics,
+                "--window",
+                "soon",
+            ],
+            "--window",
+        ),
+        (
+            vec![
+                "--spec",
+                &spec,
+                "--metrics-url",
+                metrics,
+                "--max-p99",
+                "fast",
+            ],
+            "--max-p99",
+        ),
+        (
+            vec!["--spec", &spec, "--metrics-url", "not a url"],
+            "--metrics-url",
+        ),
+        (
+            vec!["--spec", "/nonexistent/spec.toml", "--metrics-url", metrics],
+            "--spec",
+        ),
+        (vec!["--spec", &spec], "--metrics-url"),
+        (
+            vec![
+                "--spec",
+                &spec,
+                "--metrics-url",
+                metrics,
+                "--window",
+                "1s",
+                "--interval",
+                "2s",
+            ],
+            "analysis.window",
+        ),
+    ] {
+        let (code, out, err) = base(&extra);
+        assert_eq!(code, 2, "{extra:?}: {err}");
+        assert!(err.contains(flag), "{extra:?} should name {flag}: {err}");
+        assert!(out.is_empty(), "{extra:?}: {out}");
+    }
+    // Nothing was started or written.
+    assert!(!dir.path().join("trellis.db").exists());
 }

@@ -242,7 +242,7 @@ impl BlueGreenOptions {
 }
 
 /// What a decision did.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, serde::Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Action {
     /// Green was started and is ready.

@@ -13,12 +13,14 @@ use std::time::{Duration, Instant};
 
 use serde::Serialize;
 use trellis_registry::ServiceRegistry;
+use trellis_store::Store;
 
 use crate::bluegreen::metrics::{BoxFuture, MetricsSource};
 use crate::bluegreen::{BlueGreenOptions, BlueGreenReport, Decision};
 use crate::error::{DeployError, FieldError};
 use crate::image::ImageReference;
 use crate::local::{LocalOptions, LocalPlatform, ReplicaStatus};
+use crate::records::{DeploymentRecord, DeploymentRecords, DeploymentState};
 use crate::spec::{DeploySpec, Platform, check_dns_label};
 
 /// What a deploy started.
@@ -71,18 +73,20 @@ pub trait PlatformBackend: Send + Sync + fmt::Debug {
         namespace: &'a str,
     ) -> BoxFuture<'a, Result<Vec<ReplicaStatus>, DeployError>>;
 
-    /// Runs a blue-green deployment of `name` in `namespace`, calling `sink` with each
-    /// decision as it is made. The default fails with
+    /// Runs a blue-green deployment of `name` in `namespace`, judging green from `metrics`
+    /// (the deployer's [metrics source](ServiceDeployerBuilder::metrics), if any) and
+    /// calling `sink` with each decision as it is made. The default fails with
     /// [`DeployError::PlatformUnavailable`]: only backends that override it support
-    /// blue-green (the Kubernetes one does).
+    /// blue-green (the Kubernetes and Docker ones do).
     fn blue_green<'a>(
         &'a self,
         name: &'a str,
         namespace: &'a str,
         options: &'a BlueGreenOptions,
+        metrics: Option<&'a dyn MetricsSource>,
         sink: &'a (dyn Fn(&Decision) + Send + Sync),
     ) -> BoxFuture<'a, Result<BlueGreenReport, DeployError>> {
-        let _ = (name, namespace, options, sink);
+        let _ = (name, namespace, options, metrics, sink);
         Box::pin(async move {
             Err(DeployError::PlatformUnavailable {
                 platform: self.platform().to_string(),
@@ -104,6 +108,7 @@ struct Inner {
     registry: ServiceRegistry,
     target: Target,
     metrics: Option<Arc<dyn MetricsSource>>,
+    records: Option<DeploymentRecords>,
     decisions: Mutex<HashMap<String, Vec<Decision>>>,
 }
 
@@ -157,6 +162,7 @@ pub struct ServiceDeployerBuilder {
     local: LocalOptions,
     backend: Option<Arc<dyn PlatformBackend>>,
     metrics: Option<Arc<dyn MetricsSource>>,
+    store: Option<Store>,
 }
 
 impl fmt::Debug for ServiceDeployerBuilder {
@@ -196,6 +202,15 @@ impl ServiceDeployerBuilder {
         self
     }
 
+    /// Keeps a [deployment record](crate::records) per service in `store` (table
+    /// `deployments`), rewritten at every state change, for the admin API's
+    /// `GET /v1/deployments` ([`admin_router`](crate::admin_router)). Defaults to none:
+    /// decisions are kept in memory only ([`ServiceDeployer::decisions`]).
+    pub fn store(mut self, store: Store) -> Self {
+        self.store = Some(store);
+        self
+    }
+
     /// Checks the namespace and options and builds the deployer.
     pub fn build(self) -> Result<ServiceDeployer, DeployError> {
         if let Err(reason) = check_dns_label(&self.namespace) {
@@ -229,6 +244,7 @@ impl ServiceDeployerBuilder {
                 registry: self.registry,
                 target,
                 metrics: self.metrics,
+                records: self.store.map(DeploymentRecords::new),
                 decisions: Mutex::new(HashMap::new()),
             }),
         })
@@ -245,6 +261,7 @@ impl ServiceDeployer {
             local: LocalOptions::default(),
             backend: None,
             metrics: None,
+            store: None,
         }
     }
 
@@ -287,16 +304,33 @@ impl ServiceDeployer {
     ) -> Result<Deployment, DeployError> {
         spec.validate(name, self.inner.platform)?;
         crate::local::check_version(name, version)?;
+        if matches!(self.inner.target, Target::Missing) {
+            return Err(self.unavailable());
+        }
         let started = Instant::now();
-        let replicas = match &self.inner.target {
-            Target::Local(local) => local.deploy(name, version, spec, None).await?,
+        let mut record =
+            DeploymentRecord::deploy(name, &self.inner.namespace, self.inner.platform, version);
+        self.save(&record).await;
+        let deployed = match &self.inner.target {
+            Target::Local(local) => local.deploy(name, version, spec, None).await,
             Target::Backend(backend) => {
                 backend
                     .deploy(name, version, &self.inner.namespace, spec)
-                    .await?
+                    .await
             }
-            Target::Missing => return Err(self.unavailable()),
+            Target::Missing => Err(self.unavailable()),
         };
+        let replicas = match deployed {
+            Ok(replicas) => replicas,
+            Err(e) => {
+                record.error = Some(e.to_string());
+                record.set_state(DeploymentState::Failed);
+                self.save(&record).await;
+                return Err(e);
+            }
+        };
+        record.set_state(DeploymentState::Deployed);
+        self.save(&record).await;
         let took = started.elapsed();
         tracing::info!(service = %name, %version, platform = %self.inner.platform, ?took, "deployed");
         Ok(Deployment {
@@ -312,11 +346,25 @@ impl ServiceDeployer {
     /// Stops every version of `name`: each replica is deregistered first, drained, then
     /// stopped (SIGTERM, SIGKILL after the grace period). Returns the final replica states.
     pub async fn undeploy(&self, name: &str) -> Result<Vec<ReplicaStatus>, DeployError> {
-        match &self.inner.target {
-            Target::Local(local) => local.undeploy(name).await,
-            Target::Backend(backend) => backend.undeploy(name, &self.inner.namespace).await,
-            Target::Missing => Err(self.unavailable()),
+        let stopped = match &self.inner.target {
+            Target::Local(local) => local.undeploy(name).await?,
+            Target::Backend(backend) => backend.undeploy(name, &self.inner.namespace).await?,
+            Target::Missing => return Err(self.unavailable()),
+        };
+        if let Some(records) = &self.inner.records {
+            match records.get(&self.inner.namespace, name).await {
+                Ok(Some(mut record)) => {
+                    record.traffic.clear();
+                    record.set_state(DeploymentState::Undeployed);
+                    self.save(&record).await;
+                }
+                Ok(None) => {}
+                Err(e) => {
+                    tracing::warn!(service = %name, error = %e, "deployment record not updated")
+                }
+            }
         }
+        Ok(stopped)
     }
 
     /// Every replica of `name`: phase, pid, port, restarts, last exit, registration and
@@ -334,39 +382,73 @@ impl ServiceDeployer {
     /// options or a current version that is not running are errors and change nothing;
     /// otherwise the report says whether green was promoted, rolled back or held, with every
     /// decision. Runs on the local platform and on backends that implement
-    /// [`PlatformBackend::blue_green`] (Kubernetes, feature `kubernetes`:
-    /// `KubernetesBlueGreen`, which needs `options.spec` there); other
-    /// platforms fail with [`DeployError::PlatformUnavailable`].
+    /// [`PlatformBackend::blue_green`] — Kubernetes (feature `kubernetes`:
+    /// `KubernetesBlueGreen`) and Docker (feature `docker`: `DockerBackend`, judged from
+    /// this deployer's [metrics source](ServiceDeployerBuilder::metrics) like local), both
+    /// needing `options.spec`; other platforms fail with
+    /// [`DeployError::PlatformUnavailable`]. With a [store](ServiceDeployerBuilder::store),
+    /// the service's [record](crate::records) follows every decision.
     pub async fn blue_green_deploy(
         &self,
         name: &str,
         options: BlueGreenOptions,
     ) -> Result<BlueGreenReport, DeployError> {
-        let local = match &self.inner.target {
-            Target::Local(local) => local,
-            Target::Backend(backend) => {
-                lock(&self.inner.decisions).remove(name);
-                let sink = |decision: &Decision| {
-                    lock(&self.inner.decisions)
-                        .entry(name.to_owned())
-                        .or_default()
-                        .push(decision.clone());
-                };
-                return backend
-                    .blue_green(name, &self.inner.namespace, &options, &sink)
-                    .await;
-            }
-            Target::Missing => return Err(self.unavailable()),
-        };
+        if matches!(self.inner.target, Target::Missing) {
+            return Err(self.unavailable());
+        }
         lock(&self.inner.decisions).remove(name);
-        let sink = |decision: &Decision| {
-            lock(&self.inner.decisions)
-                .entry(name.to_owned())
-                .or_default()
-                .push(decision.clone());
+        // Decisions go to the record writer in order through a channel (the sink cannot
+        // wait for the store); it holds at most the analysis' decisions, window / interval
+        // plus four.
+        let (sender, mut received) = tokio::sync::mpsc::unbounded_channel::<Decision>();
+        let run = async {
+            let sink = move |decision: &Decision| {
+                lock(&self.inner.decisions)
+                    .entry(name.to_owned())
+                    .or_default()
+                    .push(decision.clone());
+                let _ = sender.send(decision.clone());
+            };
+            let metrics = self.inner.metrics.as_deref();
+            match &self.inner.target {
+                Target::Local(local) => {
+                    crate::bluegreen::run_local(local, metrics, name, &options, &sink).await
+                }
+                Target::Backend(backend) => {
+                    backend
+                        .blue_green(name, &self.inner.namespace, &options, metrics, &sink)
+                        .await
+                }
+                Target::Missing => Err(self.unavailable()),
+            }
         };
-        crate::bluegreen::run_local(local, self.inner.metrics.as_deref(), name, &options, &sink)
-            .await
+        let split = (options.traffic_split.blue, options.traffic_split.green);
+        let write = async {
+            let mut record: Option<DeploymentRecord> = None;
+            while let Some(decision) = received.recv().await {
+                let record = record.get_or_insert_with(|| {
+                    DeploymentRecord::blue_green(
+                        name,
+                        &self.inner.namespace,
+                        self.inner.platform,
+                        &options.current_version,
+                        &options.new_version,
+                    )
+                });
+                record.apply(&decision, split);
+                self.save(record).await;
+            }
+            record
+        };
+        let (report, record) = tokio::join!(run, write);
+        // An error after something changed (a decision was taken) is recorded; one before
+        // (bad options, blue not running) changed nothing and writes nothing.
+        if let (Err(e), Some(mut record)) = (&report, record) {
+            record.error = Some(e.to_string());
+            record.set_state(DeploymentState::Failed);
+            self.save(&record).await;
+        }
+        report
     }
 
     /// The decisions of the latest blue-green deployment of `name` (also while it runs).
@@ -381,6 +463,16 @@ impl ServiceDeployer {
     pub async fn shutdown(&self) {
         if let Target::Local(local) = &self.inner.target {
             local.shutdown().await;
+        }
+    }
+
+    /// Writes `record` when the deployer has a store. A failed write is logged, not
+    /// returned: the deployment itself went on.
+    async fn save(&self, record: &DeploymentRecord) {
+        if let Some(records) = &self.inner.records
+            && let Err(e) = records.put(record).await
+        {
+            tracing::warn!(service = %record.service, state = %record.state, error = %e, "deployment record not written");
         }
     }
 

@@ -6,8 +6,8 @@
 //! a `HEALTHCHECK` from `health_check`, restart policy `on-failure`, labels
 //! `trellis.service` and `trellis.version` — waits until every one is healthy, then
 //! registers each in the [`ServiceRegistry`] (when one is given) at its published port.
-//! If any step fails, what was created is removed again. [`DockerDeployer::remove`] stops,
-//! removes and deregisters the containers of a service (by label).
+//! If any step fails, what was created is removed again. [`DockerDeployer::remove`] deregisters,
+//! stops and removes the containers of a service (by label).
 //!
 //! Healthy means the engine reports `healthy`, or, while the engine still says `starting`,
 //! the health-check command itself succeeds when run in the container through the exec API.
@@ -48,6 +48,8 @@ pub const SERVICE_LABEL: &str = "trellis.service";
 pub const VERSION_LABEL: &str = "trellis.version";
 /// Label holding the replica index.
 pub const REPLICA_LABEL: &str = "trellis.replica";
+/// The instance metadata key the gateway's `weighted` balancer reads.
+const WEIGHT_METADATA: &str = "weight";
 
 /// The Docker Engine API version asked for: podman's service speaks 1.41, as do Docker
 /// engines from 20.10 on.
@@ -67,6 +69,9 @@ pub struct DockerOptions {
     ready_timeout: Duration,
     max_restarts: i64,
     stop_timeout: Duration,
+    pub(crate) drain: Duration,
+    /// The `weight` metadata of the instances registered (blue-green's share).
+    weight: Option<u32>,
 }
 
 impl Default for DockerOptions {
@@ -80,6 +85,8 @@ impl Default for DockerOptions {
             ready_timeout: Duration::from_secs(60),
             max_restarts: 3,
             stop_timeout: Duration::from_secs(10),
+            drain: Duration::from_secs(5),
+            weight: None,
         }
     }
 }
@@ -142,6 +149,15 @@ impl DockerOptions {
     #[must_use]
     pub fn stop_timeout(mut self, timeout: Duration) -> Self {
         self.stop_timeout = timeout;
+        self
+    }
+
+    /// Blue-green: how long the losing version's containers keep running after they were
+    /// deregistered, so that gateways see the registry change and requests in flight
+    /// finish before the containers are stopped. Defaults to 5 s.
+    #[must_use]
+    pub fn drain(mut self, drain: Duration) -> Self {
+        self.drain = drain;
         self
     }
 
@@ -461,7 +477,7 @@ pub struct DockerDeployment {
 #[derive(Debug, Clone)]
 pub struct DockerDeployer {
     docker: Docker,
-    registry: Option<ServiceRegistry>,
+    pub(crate) registry: Option<ServiceRegistry>,
 }
 
 impl DockerDeployer {
@@ -587,6 +603,9 @@ impl DockerDeployer {
                     .version(&plan.version)
                     .metadata("platform", "docker")
                     .metadata("container_id", &container.id);
+                if let Some(weight) = options.weight {
+                    instance = instance.metadata(WEIGHT_METADATA, weight.to_string());
+                }
                 if let (Some(path), Some(Some(health_port))) =
                     (&plan.health_path, health_ports.get(&container.name))
                 {
@@ -793,7 +812,8 @@ impl DockerDeployer {
         Ok(found)
     }
 
-    /// Stops (with each container's [stop timeout](DockerOptions::stop_timeout)), removes and deregisters every container of `service` (of
+    /// Deregisters, stops (with each container's [stop
+    /// timeout](DockerOptions::stop_timeout)) and removes every container of `service` (of
     /// `version` only, when given). Containers already gone are skipped. Returns how many
     /// were removed.
     pub async fn remove(&self, service: &str, version: Option<&str>) -> Result<usize, DeployError> {
@@ -809,7 +829,7 @@ impl DockerDeployer {
         self.remove_containers(service, &containers).await
     }
 
-    async fn remove_containers(
+    pub(crate) async fn remove_containers(
         &self,
         service: &str,
         containers: &[DockerContainer],
@@ -817,6 +837,12 @@ impl DockerDeployer {
         let mut removed = 0;
         let mut failures = Vec::new();
         for container in containers {
+            // Deregistered first, so that no gateway picks it while it stops.
+            if let Some(registry) = &self.registry
+                && let Err(e) = registry.deregister(service, &container.name).await
+            {
+                failures.push(format!("deregister {}: {e}", container.name));
+            }
             if let Err(e) = self.docker.stop_container(&container.name, None).await
                 && !is_gone(&e)
                 && !is_not_modified(&e)
@@ -832,11 +858,6 @@ impl DockerDeployer {
                 Ok(()) => removed += 1,
                 Err(e) if is_gone(&e) => {}
                 Err(e) => failures.push(format!("remove {}: {e}", container.name)),
-            }
-            if let Some(registry) = &self.registry
-                && let Err(e) = registry.deregister(service, &container.name).await
-            {
-                failures.push(format!("deregister {}: {e}", container.name));
             }
         }
         if failures.is_empty() {
@@ -861,11 +882,23 @@ impl DockerDeployer {
 /// [`Running`](ReplicaPhase::Running) while the container runs,
 /// [`Starting`](ReplicaPhase::Starting) while created or restarting, else
 /// [`Stopped`](ReplicaPhase::Stopped), with the engine's restart count and exit code.
+///
+/// Blue-green ([`ServiceDeployer::blue_green_deploy`](crate::ServiceDeployer::blue_green_deploy))
+/// runs the steps of the [local platform's](crate::bluegreen): green's containers are
+/// started beside blue's and registered with green's `weight` metadata after blue's
+/// instances were re-registered with blue's, so a gateway route with the `weighted`
+/// balancer splits the traffic; green is judged from the deployer's metrics source (the
+/// gateway's per-version metrics) and from its containers (running, not restarted) and
+/// registry health; then promoted (blue's weight 0, green's weight removed, blue
+/// deregistered, drained for [`DockerOptions::drain`], its containers removed) or rolled
+/// back (green's weight 0, green deregistered, drained and removed, blue's weights removed;
+/// blue's containers never touched). It needs the backend to register (a registry) and
+/// `options.spec` (green's spec: the backend keeps no spec of blue).
 #[cfg(feature = "local")]
 #[derive(Debug, Clone)]
 pub struct DockerBackend {
-    deployer: DockerDeployer,
-    options: DockerOptions,
+    pub(crate) deployer: DockerDeployer,
+    pub(crate) options: DockerOptions,
     registered: bool,
 }
 
@@ -898,12 +931,19 @@ impl DockerBackend {
         self
     }
 
+    /// These options with the `weight` metadata set on the instances registered.
+    pub(crate) fn weighted(options: &DockerOptions, version: &str, weight: u32) -> DockerOptions {
+        let mut options = options.clone().version(version);
+        options.weight = Some(weight);
+        options
+    }
+
     /// The deployer.
     pub fn deployer(&self) -> &DockerDeployer {
         &self.deployer
     }
 
-    async fn replicas(&self, name: &str) -> Result<Vec<ReplicaStatus>, DeployError> {
+    pub(crate) async fn replicas(&self, name: &str) -> Result<Vec<ReplicaStatus>, DeployError> {
         let mut replicas = Vec::new();
         for (container, _) in self.deployer.containers(name, None).await? {
             let inspect = match self.deployer.inspect(&container).await {
@@ -1023,6 +1063,19 @@ impl crate::deployer::PlatformBackend for DockerBackend {
             }
             Ok(replicas)
         })
+    }
+
+    fn blue_green<'a>(
+        &'a self,
+        name: &'a str,
+        _namespace: &'a str,
+        options: &'a crate::bluegreen::BlueGreenOptions,
+        metrics: Option<&'a dyn crate::bluegreen::metrics::MetricsSource>,
+        sink: &'a (dyn Fn(&crate::bluegreen::Decision) + Send + Sync),
+    ) -> BoxFuture<'a, Result<crate::bluegreen::BlueGreenReport, DeployError>> {
+        Box::pin(crate::docker_bluegreen::run(
+            self, name, options, metrics, sink,
+        ))
     }
 
     fn status<'a>(

@@ -150,6 +150,15 @@ pub enum DeployError {
         /// The engine's answer or the connection error.
         reason: String,
     },
+    /// A deployment record in the store could not be written, read or decoded: which one
+    /// (`{namespace}/{service}` in table `deployments`) and why.
+    #[error("deployment record {key}: {reason}")]
+    Record {
+        /// The record's key, `{namespace}/{service}`.
+        key: String,
+        /// The store's error, or what is wrong with the stored JSON.
+        reason: String,
+    },
     /// AWS ECS could not be called: no credentials, or the call failed. Nothing was
     /// registered when the credentials are missing.
     #[error("ecs: {operation}: {reason}")]

@@ -21,7 +21,9 @@
 //! [`blue_green_deploy`](ServiceDeployer::blue_green_deploy) starts a new version beside the
 //! old, splits traffic through the instances' `weight` metadata (the gateway's `weighted`
 //! balancer), judges it from the gateway's per-version metrics, and promotes or rolls back,
-//! recording every [`Decision`] with its figures (see [`bluegreen`]).
+//! recording every [`Decision`] with its figures (see [`bluegreen`]). Given a store, the
+//! deployer keeps a [`DeploymentRecord`] per service there at every state change, which
+//! [`admin_router`] serves as `GET /v1/deployments` (see [`records`]).
 //!
 //! The other platforms plug into the same [`ServiceDeployer`] as a [`PlatformBackend`],
 //! each behind its feature:
@@ -32,14 +34,15 @@
 //!   VirtualService weights between DestinationRule subsets when the mesh is Istio.
 //! - `docker`: `DockerDeployer` runs one container per replica through the Docker Engine
 //!   API (Docker or podman), waits until healthy and registers them; `DockerBackend` is
-//!   its [`PlatformBackend`].
+//!   its [`PlatformBackend`], blue-green included (green containers beside blue, the
+//!   gateway's weighted routing, the same analysis as local).
 //! - `ecs`: `render_ecs` renders the ECS task and service definitions and
 //!   `EcsCredentials` finds AWS credentials. Sending them to AWS is the
 //!   `trellis-deploy-ecs` crate, so that the AWS SDK is compiled only by those who use it.
 //!
 //! It is not a cluster scheduler: the local platform supervises processes on this machine
-//! only, does not enforce cpu or memory, and blue-green runs on the local platform and on
-//! Kubernetes only (not on docker or ECS).
+//! only, does not enforce cpu or memory, and blue-green runs on the local platform, docker
+//! and Kubernetes only (not on ECS).
 //!
 //! ```
 //! use trellis_deploy::{DeploySpec, KubernetesOptions, Platform, render_kubernetes};
@@ -97,6 +100,8 @@ pub use kube_bluegreen::{DeploymentAvailable, KubernetesBlueGreen, RolloutReadin
 pub mod docker;
 #[cfg(all(feature = "docker", feature = "local"))]
 pub use docker::DockerBackend;
+#[cfg(all(feature = "docker", feature = "local"))]
+mod docker_bluegreen;
 #[cfg(feature = "docker")]
 pub use docker::{
     DockerCall, DockerContainer, DockerDeployer, DockerDeployment, DockerOptions, render_docker,
@@ -108,11 +113,17 @@ pub mod ecs;
 pub use ecs::{EcsCredentials, EcsDefinitions, EcsOptions, LaunchType, render_ecs};
 
 #[cfg(feature = "local")]
+mod admin;
+#[cfg(feature = "local")]
 pub mod bluegreen;
 #[cfg(feature = "local")]
 mod deployer;
 #[cfg(feature = "local")]
 mod local;
+#[cfg(feature = "local")]
+pub mod records;
+#[cfg(feature = "local")]
+pub use admin::admin_router;
 #[cfg(feature = "local")]
 pub use bluegreen::metrics::{
     BoxFuture, Figures, MetricsSource, PrometheusScrape, VersionSample, parse_exposition,
@@ -125,3 +136,8 @@ pub use bluegreen::{
 pub use deployer::{Deployment, PlatformBackend, ServiceDeployer, ServiceDeployerBuilder};
 #[cfg(feature = "local")]
 pub use local::{LocalOptions, LocalProcess, ReplicaPhase, ReplicaStatus, render_local};
+#[cfg(feature = "local")]
+pub use records::{
+    DEPLOYMENTS_TABLE, DecisionRecord, DeploymentRecord, DeploymentRecords, DeploymentState,
+    Strategy, TrafficShare,
+};

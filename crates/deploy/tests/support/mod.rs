@@ -11,7 +11,8 @@ use std::time::{Duration, Instant};
 
 use prometheus_client::registry::Registry;
 use trellis_deploy::{
-    DeploySpec, HealthCheck, LocalOptions, Platform, PrometheusScrape, ServiceDeployer,
+    DeploySpec, HealthCheck, LocalOptions, Platform, PlatformBackend, PrometheusScrape,
+    ServiceDeployer,
 };
 use trellis_gateway::{
     ApiGateway, GatewayConfig, GatewayMetrics, LoadBalancer, RouteConfig, RunningGateway,
@@ -187,6 +188,16 @@ fn registry_options() -> RegistryOptions {
 
 impl Harness {
     pub async fn start(local: LocalOptions) -> Harness {
+        Self::start_with(Platform::Local, local, |_| None).await
+    }
+
+    /// A harness whose deployer runs on `platform`, with the backend `backend` makes from
+    /// the deployer's registry.
+    pub async fn start_with(
+        platform: Platform,
+        local: LocalOptions,
+        backend: impl FnOnce(ServiceRegistry) -> Option<Arc<dyn PlatformBackend>>,
+    ) -> Harness {
         let dir = tempfile::tempdir().unwrap();
         let url = format!("sqlite://{}/registry.db", dir.path().display());
         let store = Store::open(&url).await.unwrap();
@@ -233,10 +244,15 @@ impl Harness {
             .await
             .unwrap();
 
-        let deployer = ServiceDeployer::builder(Platform::Local, registry.clone())
+        let mut builder = ServiceDeployer::builder(platform, registry.clone());
+        if let Some(backend) = backend(registry.clone()) {
+            builder = builder.backend(backend);
+        }
+        let deployer = builder
             .namespace("test")
             .local_options(local)
             .metrics(PrometheusScrape::new(metrics_url.clone()).unwrap())
+            .store(store.clone())
             .build()
             .unwrap();
         Harness {
@@ -251,6 +267,16 @@ impl Harness {
                 .build()
                 .unwrap(),
         }
+    }
+
+    /// A second store on the harness' SQLite file, as another process would open it.
+    pub async fn registry_store(&self) -> Store {
+        Store::open(&format!(
+            "sqlite://{}/registry.db",
+            self.dir.path().display()
+        ))
+        .await
+        .unwrap()
     }
 
     pub fn url(&self, path: &str) -> String {
