@@ -48,6 +48,6 @@ pub use error::ApiError;
 pub use metrics::{Metrics, StoreMetricsLayer, StoreMetricsService};
 pub use node::{GatewayNode, Node, NodeError};
 pub use settings::{
-    AdminSettings, ConfigSettings, DEFAULT_ADMIN_ADDR, DEFAULT_STORE_URL, RegistrySettings,
-    Settings, SettingsError, StoreSettings,
+    AdminSettings, ConfigSettings, DEFAULT_ADMIN_ADDR, DEFAULT_STORE_URL, EventsSettings,
+    RegistrySettings, Settings, SettingsError, StoreSettings,
 };

@@ -1,10 +1,13 @@
 //! A Trellis node — what `trellis up` runs: the store (with its metrics middleware), the
-//! registry, the configuration manager, the health monitor and the admin HTTP server.
+//! registry, the configuration manager, the health monitor and the admin HTTP server, which
+//! also lists the event bus's topics with their consumer groups' lag (`/v1/events/topics`).
 //!
 //! Tracing is configured once, by the `[tracing]` table (off without one; the `OTEL_*`
 //! variables override its keys): the node builds one [`DistributedTracer`] with an
 //! in-memory [`TraceBuffer`], traces store operations made inside a trace
-//! ([`StoreTraceLayer`]), serves the buffer at `/v1/traces`, counts exported and dropped
+//! ([`StoreTraceLayer`]), serves the buffer at `/v1/traces`, takes spans other processes
+//! export over OTLP/HTTP at `POST /v1/traces` (point their `OTEL_EXPORTER_OTLP_ENDPOINT`
+//! at the admin address) into the same buffer, counts exported and dropped
 //! spans in `/metrics`, and hands the tracer to the gateway it runs.
 
 use std::future::Future;
@@ -16,6 +19,7 @@ use tokio::net::TcpListener;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 use trellis_config::{ConfigOptions, ConfigurationManager};
+use trellis_events::EventBus;
 use trellis_gateway::{ApiGateway, RunningGateway};
 use trellis_health::{ServiceHealthMonitor, StoreCheck};
 use trellis_registry::ServiceRegistry;
@@ -69,6 +73,15 @@ pub enum NodeError {
     /// The saga log could not be opened.
     #[error("saga log: {0}")]
     Saga(#[from] trellis_saga::SagaError),
+    /// The event bus of `[events] bus` could not be opened.
+    #[error("event bus {bus}: {source}")]
+    Events {
+        /// The `bus` setting.
+        bus: String,
+        /// What failed.
+        #[source]
+        source: trellis_events::EventError,
+    },
     /// An admin server beyond loopback without a token.
     #[error(
         "the admin server would listen on {0}, beyond loopback, without a token: set admin.token (or TRELLIS_ADMIN_TOKEN), or listen on 127.0.0.1"
@@ -227,11 +240,26 @@ impl Node {
             settings.admin.token.clone(),
         )
         // GET /v1/sagas, /v1/sagas/{id}; POST …/retry, …/abort (the saga log in the store).
-        .with_routes(trellis_saga::admin::router(store.clone())?);
+        .with_routes(trellis_saga::admin::router(store.clone())?)
+        // GET /v1/deployments, /v1/deployments/{service} (deployment records in the store).
+        .with_routes(trellis_deploy::admin_router(store.clone()));
         if let Some(buffer) = &trace_buffer {
-            // GET /v1/traces, /v1/traces/{trace_id}.
-            state = state.with_routes(trellis_tracing::admin::router(buffer.clone()));
+            // GET /v1/traces, /v1/traces/{trace_id}; POST /v1/traces (OTLP/HTTP from other
+            // processes, protobuf or JSON, into the same buffer).
+            state = state
+                .with_routes(trellis_tracing::admin::router(buffer.clone()))
+                .with_routes(trellis_tracing::receiver::router(buffer.clone()));
         }
+        // GET /v1/events/topics, /v1/events/topics/{topic}: topics of the bus in
+        // `[events] bus` (by default the embedded log in this store, so services sharing
+        // the SQLite file show up) with their consumer groups' lag.
+        let events = EventBus::from_url(&settings.events.bus, &store)
+            .await
+            .map_err(|source| NodeError::Events {
+                bus: settings.events.bus.clone(),
+                source,
+            })?;
+        state = state.with_routes(trellis_events::admin_router(events.transport().clone()));
         let gateway = match settings.gateway.clone() {
             Some(config) => {
                 let gateway_metrics = metrics.register_with(trellis_gateway::GatewayMetrics::new);

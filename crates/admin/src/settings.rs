@@ -18,6 +18,9 @@
 //! environment = "production"
 //! refresh_interval = "1s"
 //!
+//! [events]
+//! bus = "embedded"          # or "kafka://127.0.0.1:9092" (needs the `kafka` feature)
+//!
 //! [tracing]                 # see trellis_tracing::TracingConfig
 //! service_name = "trellis-node"
 //! endpoint = "http://127.0.0.1:4318"
@@ -89,6 +92,8 @@ pub struct Settings {
     /// with [`TracingConfig::default`] for the keys it leaves out.
     #[serde(default = "tracing_off")]
     pub tracing: TracingConfig,
+    /// The event bus whose topics `/v1/events/topics` lists.
+    pub events: EventsSettings,
 }
 
 impl Default for Settings {
@@ -100,6 +105,7 @@ impl Default for Settings {
             config: ConfigSettings::default(),
             gateway: None,
             tracing: tracing_off(),
+            events: EventsSettings::default(),
         }
     }
 }
@@ -198,6 +204,24 @@ impl RegistrySettings {
     }
 }
 
+/// `[events]`.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct EventsSettings {
+    /// `embedded` (the log inside the node's store, shared by every service on the same
+    /// SQLite file) or `kafka://host:port,…` (only in a build with the `kafka` feature of
+    /// trellis-admin). Defaults to `embedded`.
+    pub bus: String,
+}
+
+impl Default for EventsSettings {
+    fn default() -> Self {
+        EventsSettings {
+            bus: "embedded".into(),
+        }
+    }
+}
+
 /// `[config]`.
 #[derive(Debug, Clone, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
@@ -277,6 +301,21 @@ impl Settings {
                 key: "registry",
                 reason: e.to_string(),
             })?;
+        if self.events.bus != "embedded" && !self.events.bus.starts_with("kafka://") {
+            return Err(SettingsError::Invalid {
+                key: "events.bus",
+                reason: format!(
+                    "{:?} is neither `embedded` nor a kafka://host:port URL",
+                    self.events.bus
+                ),
+            });
+        }
+        if self.events.bus.starts_with("kafka://") && !cfg!(feature = "kafka") {
+            return Err(SettingsError::Invalid {
+                key: "events.bus",
+                reason: "Kafka needs the `kafka` feature of trellis-admin, which this program was built without".into(),
+            });
+        }
         let tracing = self.tracing.validate().map_err(tracing_error)?;
         let gateway = match self.gateway {
             Some(gateway) => Some(gateway.validate().map_err(|e| SettingsError::Invalid {
