@@ -2,6 +2,7 @@
 //! libraries; everything it runs can also be started inside a test.
 
 mod client;
+mod demo;
 mod deploy;
 
 use std::path::PathBuf;
@@ -53,6 +54,10 @@ enum Command {
     /// Deploy a service on local, kubernetes, docker or ecs; `deploy blue-green` switches
     /// versions on the local platform.
     Deploy(Box<deploy::DeployArgs>),
+    /// The seed's story end to end: a node, four example services on the local platform,
+    /// every feature exercised and narrated; then the dashboard until Ctrl-C. `--check`
+    /// runs it headless and exits non-zero when a step's expectation failed.
+    Demo(Box<demo::DemoArgs>),
 }
 
 #[derive(Debug, Subcommand)]
@@ -282,6 +287,8 @@ fn main() -> ExitCode {
     let command = match cli.command {
         // Bad input to `trellis deploy` exits with code 2: it returns its own exit code.
         Command::Deploy(args) => return runtime.block_on(deploy::run(*args)),
+        // The demo's exit code says whether every step held (and 2 for bad input).
+        Command::Demo(args) => return runtime.block_on(demo::run(*args)),
         command => command,
     };
     let result = runtime.block_on(run(Cli { command }));
@@ -318,6 +325,13 @@ async fn run(cli: Cli) -> Result<(), String> {
         } => mesh_render(&provider, &service, policy.as_deref()),
         // main() runs it with its own exit codes; this is the same without them.
         Command::Deploy(args) => deploy::run_result(*args).await,
+        Command::Demo(args) => {
+            if demo::run(*args).await == ExitCode::SUCCESS {
+                Ok(())
+            } else {
+                Err("trellis demo: a step failed".into())
+            }
+        }
     }
 }
 

@@ -1,0 +1,19 @@
+//! `payment-service`: reads `PORT`, `TRELLIS_*` and `OTEL_*` (see the library) and serves
+//! until Ctrl-C or SIGTERM.
+
+use std::process::ExitCode;
+
+#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
+async fn main() -> ExitCode {
+    let result = match payment_service::ServiceEnv::from_env(payment_service::SERVICE) {
+        Ok(env) => payment_service::run(env, trellis::service::shutdown_signal()).await,
+        Err(e) => Err(e.into()),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("payment-service: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
