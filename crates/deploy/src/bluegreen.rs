@@ -37,8 +37,8 @@ use serde::Serialize;
 use trellis_registry::InstanceStatus;
 
 use crate::error::{DeployError, FieldError};
-use crate::local::{LocalPlatform, ReplicaPhase, ReplicaStatus, check_version};
-use crate::spec::DeploySpec;
+use crate::local::{ReplicaPhase, ReplicaStatus, check_version};
+use crate::spec::{DeploySpec, Platform};
 use metrics::{Figures, MetricsSource};
 
 /// Percentages of traffic for blue (the running version) and green (the new one), adding
@@ -602,58 +602,136 @@ pub(crate) fn green_spec(blue: &DeploySpec, new_version: &str) -> DeploySpec {
     spec
 }
 
-/// Runs a blue-green deployment on the local platform.
-pub(crate) async fn run_local(
-    local: &LocalPlatform,
+/// What blue-green needs from a platform, for one service: the local platform and the
+/// docker backend run the same [`run_blue_green`] through it. A *version* is one version's
+/// replicas as the platform tracks them.
+pub(crate) trait GreenPlatform: Sync {
+    /// One version's replicas.
+    type Version: Send + Sync;
+
+    /// The service.
+    fn service(&self) -> &str;
+
+    /// The platform green's spec is checked for.
+    fn platform(&self) -> Platform;
+
+    /// The running `version` of the service, if there is one.
+    async fn version(&self, version: &str) -> Result<Option<Self::Version>, DeployError>;
+
+    /// Every version of the service running (for the error when blue is not one of them).
+    async fn running_versions(&self) -> Result<Vec<String>, DeployError>;
+
+    /// The spec `version` runs, when the platform keeps it (green's default is blue's).
+    fn spec_of<'a>(&self, version: &'a Self::Version) -> Option<&'a DeploySpec>;
+
+    /// How many replicas `version` has.
+    fn replica_count(&self, version: &Self::Version) -> usize;
+
+    /// Starts `spec` as `version`, each replica registered with `weight` once ready.
+    async fn start(&self, version: &str, spec: &DeploySpec, weight: u32) -> Started<Self::Version>;
+
+    /// The reason of the `start` decision: green's replicas ready after `after`.
+    fn started(&self, green: &Self::Version, after: Duration) -> String;
+
+    /// Sets (or with `None` removes) the `weight` metadata of every registered instance of
+    /// `version` through the registry.
+    async fn set_weight(
+        &self,
+        version: &Self::Version,
+        weight: Option<u32>,
+    ) -> Result<(), DeployError>;
+
+    /// Brings what [`replicas_of`](Self::replicas_of) reports for `version` up to date (a
+    /// no-op where it is always current); called before the analysis and every
+    /// `min(interval, 500 ms)` during it.
+    async fn refresh(&self, version: &Self::Version) -> Result<(), DeployError>;
+
+    /// The replicas of `version` with their registration and health, as last refreshed.
+    fn replicas_of(&self, version: &Self::Version) -> Vec<ReplicaStatus>;
+
+    /// Retires `version`: deregisters it, drains, then stops or removes its replicas.
+    async fn retire(&self, version: &Self::Version) -> Result<(), DeployError>;
+
+    /// What happened to a retired version's replicas, for the decisions: "stopped" or
+    /// "removed".
+    fn retired(&self) -> &'static str;
+
+    /// How many replicas of `version` a promotion retires, for its decision (after
+    /// [`retired`](Self::retired); empty where the platform does not say).
+    fn retired_count(&self, version: &Self::Version) -> String;
+
+    /// The replicas for the report: those of `only`, or every replica of the service.
+    async fn report(&self, only: Option<&Self::Version>) -> Vec<ReplicaStatus>;
+}
+
+/// What [`GreenPlatform::start`] did: the outer error ends the deployment; the inner one is
+/// green failing to start, with nothing of it left running or registered.
+pub(crate) type Started<V> = Result<Result<V, DeployError>, DeployError>;
+
+/// The error when green's spec is neither given nor known from blue.
+pub(crate) fn missing_spec(name: &str, platform: Platform) -> DeployError {
+    DeployError::Invalid {
+        name: name.to_owned(),
+        errors: vec![FieldError {
+            field: "spec".to_owned(),
+            reason: format!("missing; blue-green on {platform} needs green's spec"),
+        }],
+    }
+}
+
+/// Runs a blue-green deployment of the service on `platform`: split, start, analyse, then
+/// promote, roll back or hold, recording every decision (see the module docs).
+pub(crate) async fn run_blue_green<P: GreenPlatform>(
+    platform: &P,
     source: Option<&dyn MetricsSource>,
-    name: &str,
     options: &BlueGreenOptions,
     sink: &(dyn Fn(&Decision) + Send + Sync),
 ) -> Result<BlueGreenReport, DeployError> {
-    options.validate(name)?;
-    let Some(blue) = local.group(name, &options.current_version) else {
-        let running: Vec<String> = local
-            .groups(name)
-            .iter()
-            .map(|g| g.version.clone())
-            .collect();
+    let name = platform.service();
+    options.validate_for(name, platform.platform())?;
+    let current = options.current_version.as_str();
+    let new = options.new_version.as_str();
+    let Some(blue) = platform.version(current).await? else {
+        let running = platform.running_versions().await?;
         if running.is_empty() {
             return Err(DeployError::NotDeployed {
                 name: name.to_owned(),
-                version: Some(options.current_version.clone()),
+                version: Some(current.to_owned()),
             });
         }
         return Err(DeployError::VersionMismatch {
             name: name.to_owned(),
-            expected: options.current_version.clone(),
+            expected: current.to_owned(),
             running,
         });
     };
-    if local.group(name, &options.new_version).is_some() {
+    if platform.version(new).await?.is_some() {
         return Err(DeployError::AlreadyDeployed {
             name: name.to_owned(),
-            version: options.new_version.clone(),
+            version: new.to_owned(),
         });
     }
-    let spec = options
-        .spec
-        .clone()
-        .unwrap_or_else(|| green_spec(&blue.spec, &options.new_version));
-    spec.validate(name, crate::spec::Platform::Local)?;
+    let Some(spec) = options.spec.clone().or_else(|| {
+        platform
+            .spec_of(&blue)
+            .map(|blue_spec| green_spec(blue_spec, new))
+    }) else {
+        return Err(missing_spec(name, platform.platform()));
+    };
+    spec.validate(name, platform.platform())?;
     let green_count = usize::try_from(spec.replicas).unwrap_or(0);
-    let (blue_weight, green_weight) =
-        split_weights(options.traffic_split, blue.replica_count(), green_count);
-    let new = options.new_version.as_str();
+    let blue_count = platform.replica_count(&blue);
+    let (blue_weight, green_weight) = split_weights(options.traffic_split, blue_count, green_count);
     let mut recorder = Recorder::new(name, sink);
     let started = Instant::now();
 
     // 1. Blue's share first, so green never takes more than its own.
-    local.set_weight(&blue, Some(blue_weight)).await?;
+    platform.set_weight(&blue, Some(blue_weight)).await?;
     // 2. Green, registered with its share from the start.
-    let green = match local.deploy(name, new, &spec, Some(green_weight)).await {
-        Ok(_) => local.group(name, new),
+    let green = match platform.start(new, &spec, green_weight).await? {
+        Ok(green) => green,
         Err(e) => {
-            local.set_weight(&blue, None).await?;
+            platform.set_weight(&blue, None).await?;
             recorder.record(
                 Action::Rollback,
                 new,
@@ -662,80 +740,91 @@ pub(crate) async fn run_local(
             );
             return Ok(BlueGreenReport {
                 service: name.to_owned(),
-                current_version: options.current_version.clone(),
+                current_version: current.to_owned(),
                 new_version: new.to_owned(),
                 outcome: Outcome::RolledBack,
                 decisions: recorder.decisions,
                 green_ready_after: None,
                 analysis_took: Duration::ZERO,
                 switch_took: None,
-                replicas: local.group_status(&blue),
+                replicas: platform.report(Some(&blue)).await,
             });
         }
-    };
-    let Some(green) = green else {
-        return Err(DeployError::NotDeployed {
-            name: name.to_owned(),
-            version: Some(new.to_owned()),
-        });
     };
     let green_ready_after = started.elapsed();
     recorder.record(
         Action::Start,
         new,
         Figures::default(),
-        format!(
-            "{} green replica(s) ready and registered after {green_ready_after:?}",
-            green.replica_count()
-        ),
+        platform.started(&green, green_ready_after),
     );
     recorder.record(
         Action::Split,
         new,
         Figures::default(),
         format!(
-            "blue {} {}% (weight {blue_weight} on each of {}), green {new} {}% (weight {green_weight} on each of {})",
-            options.current_version,
+            "blue {current} {}% (weight {blue_weight} on each of {blue_count}), green {new} {}% (weight {green_weight} on each of {})",
             options.traffic_split.blue,
-            blue.replica_count(),
             options.traffic_split.green,
-            green.replica_count()
+            platform.replica_count(&green)
         ),
     );
 
-    // 3. Analysis.
+    // 3. Analysis: green is refreshed every interval (at most every 500 ms) while the
+    //    analysis waits; the probe reads the latest refresh.
     let analysis_started = Instant::now();
-    let probe = || green_health(&local.group_status(&green));
-    let verdict = analyse(source, name, new, &options.analysis, &probe, &mut recorder).await;
+    platform.refresh(&green).await?;
+    let probe = || green_health(&platform.replicas_of(&green));
+    let verdict = {
+        let analysis = analyse(source, name, new, &options.analysis, &probe, &mut recorder);
+        tokio::pin!(analysis);
+        let period = options.analysis.interval.min(Duration::from_millis(500));
+        let mut tick = tokio::time::interval(period);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                biased;
+                verdict = &mut analysis => break verdict,
+                _ = tick.tick() => {
+                    if let Err(e) = platform.refresh(&green).await {
+                        tracing::warn!(service = %name, version = %new, error = %e, "cannot inspect green");
+                    }
+                }
+            }
+        }
+    };
     let analysis_took = analysis_started.elapsed();
 
-    // 4. Verdict.
+    // 4. Verdict. The losing version is deregistered before it is stopped.
     let switch_started = Instant::now();
     let outcome = if verdict.passed {
-        local.set_weight(&blue, Some(0)).await?;
-        local.set_weight(&green, None).await?;
-        local.undeploy_version(&blue, true).await;
+        platform.set_weight(&blue, Some(0)).await?;
+        platform.set_weight(&green, None).await?;
+        platform.retire(&blue).await?;
         recorder.record(
             Action::Promote,
             new,
             verdict.figures,
             format!(
-                "{}; blue {} deregistered, drained and stopped",
-                verdict.reason, options.current_version
+                "{}; blue {current} deregistered, drained and {}{}",
+                verdict.reason,
+                platform.retired(),
+                platform.retired_count(&blue)
             ),
         );
         Outcome::Promoted
     } else if options.rollback_on_failure {
-        local.set_weight(&green, Some(0)).await?;
-        local.undeploy_version(&green, true).await;
-        local.set_weight(&blue, None).await?;
+        platform.set_weight(&green, Some(0)).await?;
+        platform.retire(&green).await?;
+        platform.set_weight(&blue, None).await?;
         recorder.record(
             Action::Rollback,
             new,
             verdict.figures,
             format!(
-                "{}; green deregistered and stopped, blue {} has all of the traffic",
-                verdict.reason, options.current_version
+                "{}; green deregistered and {}, blue {current} has all of the traffic",
+                verdict.reason,
+                platform.retired()
             ),
         );
         Outcome::RolledBack
@@ -752,17 +841,16 @@ pub(crate) async fn run_local(
         Outcome::Held
     };
     let switch_took = (outcome != Outcome::Held).then(|| switch_started.elapsed());
-    let replicas = local.status(name).unwrap_or_default();
     Ok(BlueGreenReport {
         service: name.to_owned(),
-        current_version: options.current_version.clone(),
+        current_version: current.to_owned(),
         new_version: new.to_owned(),
         outcome,
         decisions: recorder.decisions,
         green_ready_after: Some(green_ready_after),
         analysis_took,
         switch_took,
-        replicas,
+        replicas: platform.report(None).await,
     })
 }
 

@@ -412,7 +412,8 @@ impl ServiceDeployer {
             let metrics = self.inner.metrics.as_deref();
             match &self.inner.target {
                 Target::Local(local) => {
-                    crate::bluegreen::run_local(local, metrics, name, &options, &sink).await
+                    let service = crate::local::LocalService::new(local, name);
+                    crate::bluegreen::run_blue_green(&service, metrics, &options, &sink).await
                 }
                 Target::Backend(backend) => {
                     backend

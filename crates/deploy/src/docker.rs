@@ -818,6 +818,16 @@ impl DockerDeployer {
     /// were removed.
     pub async fn remove(&self, service: &str, version: Option<&str>) -> Result<usize, DeployError> {
         let found = self.containers(service, version).await?;
+        self.remove_listed(service, found).await
+    }
+
+    /// [`remove_containers`](Self::remove_containers) of containers listed as `(name, id)`
+    /// pairs by [`containers`](Self::containers).
+    pub(crate) async fn remove_listed(
+        &self,
+        service: &str,
+        found: Vec<(String, String)>,
+    ) -> Result<usize, DeployError> {
         let containers: Vec<DockerContainer> = found
             .into_iter()
             .map(|(name, id)| DockerContainer {

@@ -37,6 +37,7 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use trellis_registry::{Instance, InstanceStatus, ServiceRegistry};
 
+use crate::bluegreen::Started;
 use crate::error::DeployError;
 use crate::spec::{DeploySpec, Platform};
 
@@ -647,6 +648,99 @@ impl LocalPlatform {
 impl Group {
     pub(crate) fn replica_count(&self) -> usize {
         self.replicas.len()
+    }
+}
+
+/// One service on the local platform, for blue-green: versions are process groups, their
+/// status always current.
+pub(crate) struct LocalService<'a> {
+    local: &'a LocalPlatform,
+    name: &'a str,
+}
+
+impl<'a> LocalService<'a> {
+    pub(crate) fn new(local: &'a LocalPlatform, name: &'a str) -> Self {
+        LocalService { local, name }
+    }
+}
+
+impl crate::bluegreen::GreenPlatform for LocalService<'_> {
+    type Version = Arc<Group>;
+
+    fn service(&self) -> &str {
+        self.name
+    }
+
+    fn platform(&self) -> Platform {
+        Platform::Local
+    }
+
+    async fn version(&self, version: &str) -> Result<Option<Self::Version>, DeployError> {
+        Ok(self.local.group(self.name, version))
+    }
+
+    async fn running_versions(&self) -> Result<Vec<String>, DeployError> {
+        let groups = self.local.groups(self.name);
+        Ok(groups.iter().map(|g| g.version.clone()).collect())
+    }
+
+    fn spec_of<'v>(&self, version: &'v Self::Version) -> Option<&'v DeploySpec> {
+        Some(&version.spec)
+    }
+
+    fn replica_count(&self, version: &Self::Version) -> usize {
+        version.replica_count()
+    }
+
+    async fn start(&self, version: &str, spec: &DeploySpec, weight: u32) -> Started<Arc<Group>> {
+        let (local, name) = (self.local, self.name);
+        if let Err(e) = local.deploy(name, version, spec, Some(weight)).await {
+            return Ok(Err(e));
+        }
+        match local.group(name, version) {
+            Some(green) => Ok(Ok(green)),
+            None => Err(DeployError::NotDeployed {
+                name: name.to_owned(),
+                version: Some(version.to_owned()),
+            }),
+        }
+    }
+
+    fn started(&self, green: &Self::Version, after: Duration) -> String {
+        let count = green.replica_count();
+        format!("{count} green replica(s) ready and registered after {after:?}")
+    }
+
+    async fn set_weight(&self, group: &Arc<Group>, weight: Option<u32>) -> Result<(), DeployError> {
+        self.local.set_weight(group, weight).await
+    }
+
+    async fn refresh(&self, _version: &Self::Version) -> Result<(), DeployError> {
+        Ok(())
+    }
+
+    fn replicas_of(&self, version: &Self::Version) -> Vec<ReplicaStatus> {
+        self.local.group_status(version)
+    }
+
+    async fn retire(&self, version: &Self::Version) -> Result<(), DeployError> {
+        self.local.undeploy_version(version, true).await;
+        Ok(())
+    }
+
+    fn retired(&self) -> &'static str {
+        "stopped"
+    }
+
+    fn retired_count(&self, _version: &Self::Version) -> String {
+        String::new()
+    }
+
+    async fn report(&self, only: Option<&Self::Version>) -> Vec<ReplicaStatus> {
+        match only {
+            Some(version) => self.local.group_status(version),
+            None => self.local.status(self.name).unwrap_or_default(),
+        }
     }
 }
 

@@ -7,12 +7,11 @@
 
 mod support;
 
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use support::{
-    Harness, SERVICE, alive, child_spec, eventually, fast_options, marked_pids, spawn_load,
+    Harness, SERVICE, alive, assert_only_version_serves, assert_rolled_back_within,
+    blue_green_under_load, child_spec, eventually, fast_options, marked_pids,
 };
 use trellis_deploy::{
     Action, AnalysisOptions, BlueGreenOptions, DeployError, Outcome, ReplicaPhase,
@@ -24,14 +23,9 @@ fn child_service() {
     support::child_main();
 }
 
-fn analysis(window_ms: u64) -> AnalysisOptions {
-    AnalysisOptions {
-        window: Duration::from_millis(window_ms),
-        interval: Duration::from_millis(250),
-        max_error_rate: 0.01,
-        max_p99_latency: Duration::from_millis(500),
-        min_requests: 20,
-    }
+/// The analysis of these tests: `window`, checked every 250 ms.
+fn analysis(window: Duration) -> AnalysisOptions {
+    support::analysis(window, Duration::from_millis(250))
 }
 
 async fn blue(h: &Harness, marker: &str) -> Vec<u32> {
@@ -57,52 +51,12 @@ async fn healthy_green_is_promoted_without_a_failed_request() {
     let marker = format!("promote-{}", std::process::id());
     let blue_pids = blue(&h, &marker).await;
 
-    let stop = Arc::new(AtomicBool::new(false));
-    let load = spawn_load(
-        h.url("/work"),
-        stop.clone(),
-        50_000,
-        Duration::from_secs(60),
-    );
     let green_spec = child_spec("child_service", "2.0.0", 2, false, &marker);
     let options = BlueGreenOptions::new("1.0.0", "2.0.0")
         .spec(green_spec)
         .traffic_split(70, 30)
-        .analysis(analysis(2_000));
-    let report = h
-        .deployer
-        .blue_green_deploy(SERVICE, options)
-        .await
-        .unwrap();
-    // Keep the load on a little after the switch, then stop it.
-    eventually(
-        "requests after the switch",
-        Duration::from_secs(5),
-        async || {
-            let (code, body) = h.get("/x").await;
-            (code == 200 && body.starts_with("2.0.0")).then_some(())
-        },
-    )
-    .await;
-    stop.store(true, Ordering::Relaxed);
-    let load = load.await.unwrap();
-
-    println!(
-        "promote: green ready after {:?}, analysis {:?}, switch (deregister, drain, stop blue) {:?}; load {} sent, {} ok, {} failed, by version {:?}",
-        report.green_ready_after,
-        report.analysis_took,
-        report.switch_took,
-        load.sent,
-        load.ok,
-        load.failed,
-        load.by_version
-    );
-    for d in &report.decisions {
-        println!(
-            "  {:?} {} requests={} errors={} error_rate={:?} p99={:?}: {}",
-            d.action, d.version, d.requests, d.errors, d.error_rate, d.p99, d.reason
-        );
-    }
+        .analysis(analysis(Duration::from_millis(2_000)));
+    let (report, load) = blue_green_under_load(&h, "promote", "/work", options).await;
     assert_eq!(report.outcome, Outcome::Promoted, "{:#?}", report.decisions);
     assert_eq!(
         load.failed, 0,
@@ -159,55 +113,14 @@ async fn failing_green_is_rolled_back_and_blue_is_untouched() {
     let marker = format!("rollback-{}", std::process::id());
     let blue_pids = blue(&h, &marker).await;
 
-    let stop = Arc::new(AtomicBool::new(false));
-    let load = spawn_load(
-        h.url("/work"),
-        stop.clone(),
-        50_000,
-        Duration::from_secs(60),
-    );
     let green_spec = child_spec("child_service", "2.0.0", 1, true, &marker);
     let window = Duration::from_secs(10);
     let options = BlueGreenOptions::new("1.0.0", "2.0.0")
         .spec(green_spec)
         .traffic_split(50, 50)
-        .analysis(analysis(window.as_millis() as u64));
-    let report = h
-        .deployer
-        .blue_green_deploy(SERVICE, options)
-        .await
-        .unwrap();
-    stop.store(true, Ordering::Relaxed);
-    let load = load.await.unwrap();
-    println!(
-        "rollback: green ready after {:?}, analysis {:?}, switch (deregister, drain, stop green) {:?}; load {} sent, {} ok, {} failed",
-        report.green_ready_after,
-        report.analysis_took,
-        report.switch_took,
-        load.sent,
-        load.ok,
-        load.failed
-    );
-    for d in &report.decisions {
-        println!(
-            "  {:?} {} requests={} errors={} error_rate={:?} p99={:?}: {}",
-            d.action, d.version, d.requests, d.errors, d.error_rate, d.p99, d.reason
-        );
-    }
-    assert_eq!(
-        report.outcome,
-        Outcome::RolledBack,
-        "{:#?}",
-        report.decisions
-    );
-    assert!(
-        report.analysis_took < window,
-        "rolled back within the window: {:?}",
-        report.analysis_took
-    );
-    let rollback = report.decisions.last().unwrap();
-    assert_eq!(rollback.action, Action::Rollback);
-    assert!(rollback.errors > 0, "{rollback:?}");
+        .analysis(analysis(window));
+    let (report, load) = blue_green_under_load(&h, "rollback", "/work", options).await;
+    let rollback = assert_rolled_back_within(&report, window);
     assert!(rollback.error_rate.unwrap() > 0.01, "{rollback:?}");
     assert!(
         rollback.reason.contains("error rate"),
@@ -232,24 +145,7 @@ async fn failing_green_is_rolled_back_and_blue_is_untouched() {
         "{status:?}"
     );
     assert_eq!(marked_pids(&marker).len(), 2, "green stopped");
-    eventually(
-        "only blue in the gateway's registry",
-        Duration::from_secs(5),
-        async || {
-            let found = h.gateway_registry.discover(SERVICE);
-            (found.len() == 2
-                && found.iter().all(|r| {
-                    r.instance.version == "1.0.0" && !r.instance.metadata.contains_key("weight")
-                }))
-            .then_some(())
-        },
-    )
-    .await;
-    for _ in 0..50 {
-        let (code, body) = h.get("/x").await;
-        assert_eq!(code, 200, "{body}");
-        assert!(body.starts_with("1.0.0"), "{body}");
-    }
+    assert_only_version_serves(&h, "1.0.0", 2, "/x", 50).await;
 
     // Asking again from a version that is not running changes nothing.
     let err = h

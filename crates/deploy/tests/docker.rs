@@ -1,117 +1,24 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
 #![cfg(feature = "docker")]
 //! The docker platform against a real Engine API: podman's service
-//! (`scripts/services up podman`). The image is built here with nothing pulled: a rootfs
-//! tarball holding Debian's static busybox (`httpd`, `wget`), `podman import`ed. Skipped
-//! with a notice when the engine is not running, unless `TRELLIS_REQUIRE_ENGINES=1`.
+//! (`scripts/services up podman`). The image is built here with nothing pulled (see
+//! `support/docker.rs`). Skipped with a notice when the engine is not running, unless
+//! `TRELLIS_REQUIRE_ENGINES=1`.
+
+#[path = "support/docker.rs"]
+mod docker_support;
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
-use std::path::PathBuf;
-use std::process::Command;
-use std::sync::Mutex;
 use std::time::Duration;
 
-use trellis_deploy::{DeployError, DeploySpec, DockerDeployer, DockerOptions};
+use docker_support::engine;
+
+use trellis_deploy::{DeployError, DeploySpec, DockerOptions};
 use trellis_registry::{RegistryOptions, ServiceRegistry};
 use trellis_store::Store;
 
 const IMAGE: &str = "localhost/trellis-test/busybox-httpd:1";
-
-fn services_home() -> PathBuf {
-    std::env::var_os("TRELLIS_SERVICES_HOME")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../.services"))
-}
-
-fn socket() -> PathBuf {
-    std::env::var_os("TRELLIS_DOCKER_SOCKET")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| services_home().join("podman/podman.sock"))
-}
-
-fn required() -> bool {
-    std::env::var("TRELLIS_REQUIRE_ENGINES").is_ok_and(|v| v == "1")
-}
-
-/// The deployer, or `None` (with a notice) when no engine answers and none is required.
-async fn engine() -> Option<DockerDeployer> {
-    let path = socket();
-    let deployer = match DockerDeployer::connect_unix(&path.to_string_lossy()) {
-        Ok(deployer) => deployer,
-        Err(e) => return skip(&format!("{e}")),
-    };
-    match deployer.ping().await {
-        Ok(()) => Some(deployer),
-        Err(e) => skip(&format!("{e}")),
-    }
-}
-
-fn skip<T>(why: &str) -> Option<T> {
-    assert!(
-        !required(),
-        "the podman API service is required (TRELLIS_REQUIRE_ENGINES=1) but: {why}; \
-         start it with scripts/services up podman"
-    );
-    let _ = writeln!(
-        std::io::stderr(),
-        "SKIPPED: no Docker Engine API ({why}); start it with scripts/services up podman"
-    );
-    None
-}
-
-static IMAGE_BUILT: Mutex<bool> = Mutex::new(false);
-
-/// Imports the busybox httpd image once per test binary (podman import replaces an image
-/// of the same name, so a re-run is harmless).
-fn build_image() {
-    let mut built = IMAGE_BUILT.lock().unwrap();
-    if *built {
-        return;
-    }
-    let busybox = PathBuf::from("/bin/busybox");
-    assert!(
-        busybox.exists(),
-        "/bin/busybox is missing: scripts/services up podman installs busybox-static"
-    );
-    let dir = tempfile::tempdir().unwrap();
-    let root = dir.path().join("rootfs");
-    std::fs::create_dir_all(root.join("bin")).unwrap();
-    std::fs::create_dir_all(root.join("www")).unwrap();
-    std::fs::copy(&busybox, root.join("bin/busybox")).unwrap();
-    for applet in ["sh", "wget", "httpd"] {
-        std::os::unix::fs::symlink("busybox", root.join("bin").join(applet)).unwrap();
-    }
-    std::fs::write(root.join("www/health"), "ok\n").unwrap();
-    let tar = dir.path().join("rootfs.tar");
-    let status = Command::new("tar")
-        .arg("-C")
-        .arg(&root)
-        .arg("-cf")
-        .arg(&tar)
-        .arg(".")
-        .status()
-        .unwrap();
-    assert!(status.success(), "tar failed");
-    let output = Command::new("podman")
-        .env(
-            "CONTAINERS_CONF",
-            services_home().join("podman/containers.conf"),
-        )
-        .arg("import")
-        .arg("--change")
-        .arg("ENV PATH=/bin")
-        .arg(&tar)
-        .arg(IMAGE)
-        .output()
-        .unwrap();
-    assert!(
-        output.status.success(),
-        "podman import failed: {}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    *built = true;
-}
 
 fn unique(prefix: &str) -> String {
     format!("{prefix}-{}", std::process::id())
@@ -168,7 +75,7 @@ async fn deploys_healthy_registered_containers_and_removes_them() {
     let Some(deployer) = engine().await else {
         return;
     };
-    build_image();
+    docker_support::build_image(IMAGE);
     let dir = tempfile::tempdir().unwrap();
     let registry = registry(&dir).await;
     let deployer = deployer.with_registry(registry.clone());
@@ -294,7 +201,7 @@ async fn failing_health_check_removes_everything_it_created() {
     let Some(deployer) = engine().await else {
         return;
     };
-    build_image();
+    docker_support::build_image(IMAGE);
     let dir = tempfile::tempdir().unwrap();
     let registry = registry(&dir).await;
     let deployer = deployer.with_registry(registry.clone());
@@ -359,10 +266,10 @@ async fn service_deployer_runs_containers_through_the_backend() {
     if engine().await.is_none() {
         return;
     }
-    build_image();
+    docker_support::build_image(IMAGE);
     let dir = tempfile::tempdir().unwrap();
     let registry = registry(&dir).await;
-    let backend = DockerBackend::connect_unix(&socket().to_string_lossy(), registry.clone())
+    let backend = DockerBackend::connect_unix(&docker_support::socket(), registry.clone())
         .unwrap()
         .options(options("ignored"));
     let deployer = ServiceDeployer::builder(Platform::Docker, registry.clone())

@@ -9,14 +9,14 @@
 
 mod support;
 
-use std::io::Write;
-use std::path::PathBuf;
-use std::process::Command;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
-use support::{Harness, SERVICE, eventually, fast_options, spawn_load};
+use support::docker::{build_image, engine, socket};
+use support::{
+    Harness, SERVICE, assert_only_version_serves, assert_rolled_back_within, blue_green_under_load,
+    eventually, fast_options,
+};
 use trellis_deploy::{
     Action, AnalysisOptions, BlueGreenOptions, DeploySpec, DeploymentRecords, DeploymentState,
     DockerBackend, DockerDeployer, DockerOptions, Outcome, Platform, ReplicaPhase,
@@ -28,98 +28,6 @@ const IMAGE: &str = "localhost/trellis-test/busybox-httpd:bg";
 #[test]
 fn child_service() {
     support::child_main();
-}
-
-fn services_home() -> PathBuf {
-    std::env::var_os("TRELLIS_SERVICES_HOME")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../.services"))
-}
-
-fn socket() -> String {
-    std::env::var_os("TRELLIS_DOCKER_SOCKET")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| services_home().join("podman/podman.sock"))
-        .to_string_lossy()
-        .into_owned()
-}
-
-fn required() -> bool {
-    std::env::var("TRELLIS_REQUIRE_ENGINES").is_ok_and(|v| v == "1")
-}
-
-/// Whether the engine answers; a notice (or a failure when required) when not.
-async fn engine_up() -> bool {
-    let why = match DockerDeployer::connect_unix(&socket()) {
-        Ok(deployer) => match deployer.ping().await {
-            Ok(()) => return true,
-            Err(e) => e.to_string(),
-        },
-        Err(e) => e.to_string(),
-    };
-    assert!(
-        !required(),
-        "the podman API service is required (TRELLIS_REQUIRE_ENGINES=1) but: {why}; \
-         start it with scripts/services up podman"
-    );
-    let _ = writeln!(
-        std::io::stderr(),
-        "SKIPPED: no Docker Engine API ({why}); start it with scripts/services up podman"
-    );
-    false
-}
-
-static IMAGE_BUILT: Mutex<bool> = Mutex::new(false);
-
-/// Imports the busybox image once per test binary: `sh`, `wget`, `httpd` and a `/health`
-/// file.
-fn build_image() {
-    let mut built = IMAGE_BUILT.lock().unwrap();
-    if *built {
-        return;
-    }
-    let busybox = PathBuf::from("/bin/busybox");
-    assert!(
-        busybox.exists(),
-        "/bin/busybox is missing: scripts/services up podman installs busybox-static"
-    );
-    let dir = tempfile::tempdir().unwrap();
-    let root = dir.path().join("rootfs");
-    std::fs::create_dir_all(root.join("bin")).unwrap();
-    std::fs::create_dir_all(root.join("www")).unwrap();
-    std::fs::copy(&busybox, root.join("bin/busybox")).unwrap();
-    for applet in ["sh", "wget", "httpd"] {
-        std::os::unix::fs::symlink("busybox", root.join("bin").join(applet)).unwrap();
-    }
-    std::fs::write(root.join("www/health"), "ok\n").unwrap();
-    let tar = dir.path().join("rootfs.tar");
-    let status = Command::new("tar")
-        .arg("-C")
-        .arg(&root)
-        .arg("-cf")
-        .arg(&tar)
-        .arg(".")
-        .status()
-        .unwrap();
-    assert!(status.success(), "tar failed");
-    let output = Command::new("podman")
-        .env(
-            "CONTAINERS_CONF",
-            services_home().join("podman/containers.conf"),
-        )
-        .arg("import")
-        .arg("--change")
-        .arg("ENV PATH=/bin")
-        .arg(&tar)
-        .arg(IMAGE)
-        .output()
-        .unwrap();
-    assert!(
-        output.status.success(),
-        "podman import failed: {}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    *built = true;
 }
 
 /// httpd on 8080 answering `/v` with `{version} ok` and `/health`; the service port is
@@ -192,31 +100,17 @@ async fn container_ids(name: &str, version: &str) -> Vec<(String, String)> {
         .unwrap()
 }
 
+/// The analysis of these tests: `window`, checked every 500 ms.
 fn analysis(window: Duration) -> AnalysisOptions {
-    AnalysisOptions {
-        window,
-        interval: Duration::from_millis(500),
-        max_error_rate: 0.01,
-        max_p99_latency: Duration::from_millis(500),
-        min_requests: 20,
-    }
-}
-
-fn print_decisions(report: &trellis_deploy::BlueGreenReport) {
-    for d in &report.decisions {
-        println!(
-            "  {:?} {} requests={} errors={} error_rate={:?} p99={:?}: {}",
-            d.action, d.version, d.requests, d.errors, d.error_rate, d.p99, d.reason
-        );
-    }
+    support::analysis(window, Duration::from_millis(500))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn docker_blue_green_promotes_a_healthy_green_and_rolls_back_a_failing_one() {
-    if !engine_up().await {
+    if engine().await.is_none() {
         return;
     }
-    build_image();
+    build_image(IMAGE);
     let h = harness().await;
     // Leftovers of an interrupted earlier run of this test.
     let cleanup = DockerDeployer::connect_unix(&socket()).unwrap();
@@ -224,39 +118,11 @@ async fn docker_blue_green_promotes_a_healthy_green_and_rolls_back_a_failing_one
 
     // ---- Promote: a healthy green gets 30%, is judged, then takes everything. ----
     let blue_ids = blue(&h, 8080).await;
-    let stop = Arc::new(AtomicBool::new(false));
-    let load = spawn_load(h.url("/v"), stop.clone(), 50_000, Duration::from_secs(90));
     let options = BlueGreenOptions::new("1.0.0", "2.0.0")
         .spec(spec("2.0.0", 1, 8080))
         .traffic_split(70, 30)
         .analysis(analysis(Duration::from_secs(4)));
-    let report = h
-        .deployer
-        .blue_green_deploy(SERVICE, options)
-        .await
-        .unwrap();
-    eventually(
-        "green alone behind the gateway",
-        Duration::from_secs(10),
-        async || {
-            let (code, body) = h.get("/v").await;
-            (code == 200 && body.starts_with("2.0.0")).then_some(())
-        },
-    )
-    .await;
-    stop.store(true, Ordering::Relaxed);
-    let load = load.await.unwrap();
-    println!(
-        "docker promote: green ready after {:?}, analysis {:?}, switch {:?}; load {} sent, {} ok, {} failed, by version {:?}",
-        report.green_ready_after,
-        report.analysis_took,
-        report.switch_took,
-        load.sent,
-        load.ok,
-        load.failed,
-        load.by_version
-    );
-    print_decisions(&report);
+    let (report, load) = blue_green_under_load(&h, "docker promote", "/v", options).await;
     assert_eq!(report.outcome, Outcome::Promoted, "{:#?}", report.decisions);
     let actions: Vec<Action> = report.decisions.iter().map(|d| d.action).collect();
     assert_eq!(actions[..2], [Action::Start, Action::Split]);
@@ -331,44 +197,13 @@ async fn docker_blue_green_promotes_a_healthy_green_and_rolls_back_a_failing_one
     let blue_ids = blue(&h, 8080).await;
     let blue_before = container_ids(SERVICE, "1.0.0").await;
     assert_eq!(blue_before.len(), 2);
-    let stop = Arc::new(AtomicBool::new(false));
-    let load = spawn_load(h.url("/v"), stop.clone(), 50_000, Duration::from_secs(90));
     let window = Duration::from_secs(15);
     let options = BlueGreenOptions::new("1.0.0", "2.0.0")
         .spec(spec("2.0.0", 1, 8081))
         .traffic_split(50, 50)
         .analysis(analysis(window));
-    let report = h
-        .deployer
-        .blue_green_deploy(SERVICE, options)
-        .await
-        .unwrap();
-    stop.store(true, Ordering::Relaxed);
-    let load = load.await.unwrap();
-    println!(
-        "docker rollback: green ready after {:?}, analysis {:?}, switch {:?}; load {} sent, {} ok, {} failed",
-        report.green_ready_after,
-        report.analysis_took,
-        report.switch_took,
-        load.sent,
-        load.ok,
-        load.failed
-    );
-    print_decisions(&report);
-    assert_eq!(
-        report.outcome,
-        Outcome::RolledBack,
-        "{:#?}",
-        report.decisions
-    );
-    assert!(
-        report.analysis_took < window,
-        "rolled back within the window: {:?}",
-        report.analysis_took
-    );
-    let rollback = report.decisions.last().unwrap();
-    assert_eq!(rollback.action, Action::Rollback);
-    assert!(rollback.errors > 0, "{rollback:?}");
+    let (report, _load) = blue_green_under_load(&h, "docker rollback", "/v", options).await;
+    assert_rolled_back_within(&report, window);
     assert!(
         report.green_ready_after.is_some(),
         "green started and was judged"
@@ -388,24 +223,7 @@ async fn docker_blue_green_promotes_a_healthy_green_and_rolls_back_a_failing_one
             .all(|r| r.version == "1.0.0" && r.phase == ReplicaPhase::Running && r.restarts == 0),
         "{status:?}"
     );
-    eventually(
-        "only blue, unweighted, in the gateway's registry",
-        Duration::from_secs(5),
-        async || {
-            let found = h.gateway_registry.discover(SERVICE);
-            (found.len() == 2
-                && found.iter().all(|r| {
-                    r.instance.version == "1.0.0" && !r.instance.metadata.contains_key("weight")
-                }))
-            .then_some(())
-        },
-    )
-    .await;
-    for _ in 0..20 {
-        let (code, body) = h.get("/v").await;
-        assert_eq!(code, 200, "{body}");
-        assert!(body.starts_with("1.0.0"), "{body}");
-    }
+    assert_only_version_serves(&h, "1.0.0", 2, "/v", 20).await;
     let record = records.get("test", SERVICE).await.unwrap().unwrap();
     assert_eq!(record.state, DeploymentState::RolledBack);
     assert_eq!(record.traffic.len(), 1);

@@ -11,14 +11,17 @@ use std::time::{Duration, Instant};
 
 use prometheus_client::registry::Registry;
 use trellis_deploy::{
-    DeploySpec, HealthCheck, LocalOptions, Platform, PlatformBackend, PrometheusScrape,
-    ServiceDeployer,
+    Action, AnalysisOptions, BlueGreenOptions, BlueGreenReport, Decision, DeploySpec, HealthCheck,
+    LocalOptions, Outcome, Platform, PlatformBackend, PrometheusScrape, ServiceDeployer,
 };
 use trellis_gateway::{
     ApiGateway, GatewayConfig, GatewayMetrics, LoadBalancer, RouteConfig, RunningGateway,
 };
 use trellis_registry::{RegistryOptions, ServiceRegistry};
 use trellis_store::Store;
+
+#[cfg(feature = "docker")]
+pub mod docker;
 
 /// Set in the environment of a child: run the service instead of returning.
 pub const CHILD_ENV: &str = "TRELLIS_DEPLOY_TEST_CHILD";
@@ -365,4 +368,121 @@ pub fn spawn_load(
         }
         report
     })
+}
+
+/// The analysis the blue-green tests run: `window`, checked every `interval`, at most 1%
+/// errors and 500 ms p99 over at least 20 requests.
+pub fn analysis(window: Duration, interval: Duration) -> AnalysisOptions {
+    AnalysisOptions {
+        window,
+        interval,
+        max_error_rate: 0.01,
+        max_p99_latency: Duration::from_millis(500),
+        min_requests: 20,
+    }
+}
+
+/// Runs the blue-green deployment of [`SERVICE`] with `options` while a bounded load (at
+/// most 50 000 requests, 90 s) goes through the gateway to `path`; when green is promoted,
+/// the load goes on until `path` answers from green. Prints the report as `label`.
+pub async fn blue_green_under_load(
+    h: &Harness,
+    label: &str,
+    path: &str,
+    options: BlueGreenOptions,
+) -> (BlueGreenReport, LoadReport) {
+    let stop = Arc::new(AtomicBool::new(false));
+    let load = spawn_load(h.url(path), stop.clone(), 50_000, Duration::from_secs(90));
+    let green = options.new_version.clone();
+    let report = h
+        .deployer
+        .blue_green_deploy(SERVICE, options)
+        .await
+        .unwrap();
+    if report.outcome == Outcome::Promoted {
+        eventually(
+            "green answering after the switch",
+            Duration::from_secs(10),
+            async || {
+                let (code, body) = h.get(path).await;
+                (code == 200 && body.starts_with(green.as_str())).then_some(())
+            },
+        )
+        .await;
+    }
+    stop.store(true, Ordering::Relaxed);
+    let load = load.await.unwrap();
+    print_report(label, &report, &load);
+    (report, load)
+}
+
+/// Prints what a blue-green deployment under load took, the load's figures and every
+/// decision with its figures.
+pub fn print_report(label: &str, report: &BlueGreenReport, load: &LoadReport) {
+    println!(
+        "{label}: green ready after {:?}, analysis {:?}, switch (deregister, drain, retire the loser) {:?}; load {} sent, {} ok, {} failed, by version {:?}",
+        report.green_ready_after,
+        report.analysis_took,
+        report.switch_took,
+        load.sent,
+        load.ok,
+        load.failed,
+        load.by_version
+    );
+    for d in &report.decisions {
+        println!(
+            "  {:?} {} requests={} errors={} error_rate={:?} p99={:?}: {}",
+            d.action, d.version, d.requests, d.errors, d.error_rate, d.p99, d.reason
+        );
+    }
+}
+
+/// Waits until the gateway's registry holds exactly `replicas` instances of [`SERVICE`], all
+/// of `version` and without `weight` metadata, then asserts that `requests` GETs of `path`
+/// through the gateway are all answered by `version`.
+pub async fn assert_only_version_serves(
+    h: &Harness,
+    version: &str,
+    replicas: usize,
+    path: &str,
+    requests: usize,
+) {
+    eventually(
+        "only one version, unweighted, in the gateway's registry",
+        Duration::from_secs(5),
+        async || {
+            let found = h.gateway_registry.discover(SERVICE);
+            (found.len() == replicas
+                && found.iter().all(|r| {
+                    r.instance.version == version && !r.instance.metadata.contains_key("weight")
+                }))
+            .then_some(())
+        },
+    )
+    .await;
+    for _ in 0..requests {
+        let (code, body) = h.get(path).await;
+        assert_eq!(code, 200, "{body}");
+        assert!(body.starts_with(version), "{body}");
+    }
+}
+
+/// Asserts that green was rolled back on its errors before the end of `window`; returns the
+/// rollback decision.
+pub fn assert_rolled_back_within(report: &BlueGreenReport, window: Duration) -> &Decision {
+    assert_eq!(
+        report.outcome,
+        Outcome::RolledBack,
+        "{:#?}",
+        report.decisions
+    );
+    assert!(
+        report.analysis_took < window,
+        "rolled back within the window: {:?}",
+        report.analysis_took
+    );
+    let rollback = report.decisions.last().unwrap();
+    assert_eq!(rollback.action, Action::Rollback);
+    assert!(rollback.errors > 0, "{rollback:?}");
+    rollback
 }
