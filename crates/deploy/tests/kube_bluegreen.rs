@@ -7,7 +7,6 @@
 //! unless `TRELLIS_REQUIRE_ENGINES=1`.
 
 use std::io::Write;
-use std::path::PathBuf;
 use std::time::Duration;
 
 use k8s_openapi::api::apps::v1::Deployment;
@@ -20,45 +19,9 @@ use trellis_deploy::{
 };
 use trellis_mesh::{MeshConfig, MeshProvider, ServiceMesh};
 
-fn kubeconfig() -> PathBuf {
-    if let Some(path) = std::env::var_os("TRELLIS_KUBECONFIG") {
-        return PathBuf::from(path);
-    }
-    std::env::var_os("TRELLIS_SERVICES_HOME")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../.services"))
-        .join("kube/kubeconfig")
-}
-
-fn required() -> bool {
-    std::env::var("TRELLIS_REQUIRE_ENGINES").is_ok_and(|v| v == "1")
-}
-
-/// The applier, or `None` (with a notice) when no API server answers and none is required.
-async fn applier() -> Option<KubernetesApplier> {
-    let path = kubeconfig();
-    let why = match KubernetesApplier::from_kubeconfig(&path).await {
-        Ok(applier) => match applier.client().apiserver_version().await {
-            Ok(_) => return Some(applier),
-            Err(e) => format!("the API server of {} does not answer: {e}", path.display()),
-        },
-        Err(e) => e.to_string(),
-    };
-    assert!(
-        !required(),
-        "kube-apiserver is required (TRELLIS_REQUIRE_ENGINES=1) but {why}; \
-         start it with scripts/services up kube"
-    );
-    let _ = writeln!(
-        std::io::stderr(),
-        "SKIPPED: {why}; start it with scripts/services up kube"
-    );
-    None
-}
-
-fn unique(prefix: &str) -> String {
-    format!("{prefix}-{}", std::process::id())
-}
+#[path = "support/kube.rs"]
+mod kube_support;
+use kube_support::{applier, kubeconfig, unique};
 
 fn blue_spec() -> DeploySpec {
     DeploySpec::from_toml(
