@@ -199,9 +199,10 @@ impl Tracker {
     /// Parses a head at the start of `bytes`: `Some(length)` and the next state when
     /// complete, `None` when more bytes are needed (the state is left as is, or `Off`).
     fn head(&mut self, bytes: &[u8]) -> Option<usize> {
-        let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
-        let mut request = httparse::Request::new(&mut headers);
-        let used = match request.parse(bytes) {
+        // Uninitialised: zeroing 100 headers would cost more than parsing a short head.
+        let mut headers = [const { std::mem::MaybeUninit::uninit() }; MAX_HEADERS];
+        let mut request = httparse::Request::new(&mut []);
+        let used = match request.parse_with_uninit_headers(bytes, &mut headers) {
             Ok(httparse::Status::Complete(used)) if used <= self.max_head => used,
             Ok(httparse::Status::Partial) if bytes.len() <= self.max_head => return None,
             _ => {

@@ -68,7 +68,10 @@ struct Idle {
 
 /// Idle keep-alive connections per upstream authority.
 pub(crate) struct Pool {
-    idle: Mutex<HashMap<Authority, Vec<Idle>>>,
+    /// Keyed by the authority's text: `Authority`'s own `Hash` feeds the hasher one
+    /// lower-cased byte at a time, a cost paid twice per request here. (Authorities come
+    /// from registry records, so their case does not vary.)
+    idle: Mutex<HashMap<Box<str>, Vec<Idle>>>,
     max_idle_per_host: usize,
     idle_timeout: Duration,
     connect_timeout: Duration,
@@ -100,7 +103,7 @@ impl Pool {
         })
     }
 
-    fn idle(&self) -> MutexGuard<'_, HashMap<Authority, Vec<Idle>>> {
+    fn idle(&self) -> MutexGuard<'_, HashMap<Box<str>, Vec<Idle>>> {
         self.idle
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
@@ -109,7 +112,7 @@ impl Pool {
     /// A pooled connection to `authority` that is still open and ready, if any.
     fn checkout(&self, authority: &Authority) -> Option<Entry> {
         loop {
-            let idle = self.idle().get_mut(authority)?.pop()?;
+            let idle = self.idle().get_mut(authority.as_str())?.pop()?;
             let mut entry = idle.entry;
             if idle.since.elapsed() > self.idle_timeout || entry.sender.is_closed() {
                 continue;
@@ -122,13 +125,18 @@ impl Pool {
         }
     }
 
-    fn put(&self, authority: Authority, entry: Entry) {
+    fn put(&self, authority: &Authority, entry: Entry) {
         let now = Instant::now();
         {
             let mut idle = self.idle();
-            let list = idle.entry(authority).or_default();
-            if list.len() < self.max_idle_per_host {
-                list.push(Idle { entry, since: now });
+            let entry = Idle { entry, since: now };
+            match idle.get_mut(authority.as_str()) {
+                Some(list) if list.len() < self.max_idle_per_host => list.push(entry),
+                Some(_) => {}
+                None if self.max_idle_per_host > 0 => {
+                    idle.insert(authority.as_str().into(), vec![entry]);
+                }
+                None => {}
             }
         }
         self.sweep(now);
@@ -252,7 +260,7 @@ impl PooledBody {
         };
         // Let the connection notice the exchange is over and ask for the next request.
         if noop_poll(&mut entry.connection).is_pending() && entry.sender.is_ready() {
-            self.pool.put(self.authority.clone(), entry);
+            self.pool.put(&self.authority, entry);
         }
     }
 }

@@ -26,6 +26,7 @@ use trellis_resilience::http::{
 };
 use trellis_resilience::ratelimit::RateLimited;
 use trellis_resilience::retry::{Backoff, RetryBudget};
+use trellis_tracing::opentelemetry::KeyValue;
 use trellis_tracing::{DistributedTracer, HttpServerSpan};
 
 use crate::config::{GatewayConfig, Limits, UpstreamProtocol};
@@ -44,8 +45,9 @@ const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host")
 /// A client's mark that a non-idempotent request may be sent twice.
 const RETRYABLE: HeaderName = HeaderName::from_static("x-trellis-retryable");
 
-/// Headers that describe one connection, never forwarded (RFC 9110 §7.6.1).
-const HOP_BY_HOP: [HeaderName; 8] = [
+/// Headers that describe one connection, never forwarded (RFC 9110 §7.6.1);
+/// `Connection` first.
+static HOP_BY_HOP: [HeaderName; 8] = [
     header::CONNECTION,
     HeaderName::from_static("keep-alive"),
     header::PROXY_AUTHENTICATE,
@@ -138,18 +140,32 @@ impl State {
             return value.clone();
         }
         let n = self.next_id.fetch_add(1, Ordering::Relaxed);
-        // Formatted on the stack: one allocation (the header value's) per request.
-        let mut buf = [0u8; 64];
-        let mut cursor = std::io::Cursor::new(&mut buf[..]);
-        let written =
-            std::io::Write::write_fmt(&mut cursor, format_args!("{}-{n:x}", self.id_prefix));
-        let len = usize::try_from(cursor.position()).unwrap_or(0);
-        match written {
-            Ok(()) => HeaderValue::from_bytes(&buf[..len])
-                .unwrap_or_else(|_| HeaderValue::from_static("unknown")),
-            Err(_) => HeaderValue::from_static("unknown"),
-        }
+        numbered_id(&self.id_prefix, n)
     }
+}
+
+/// `{prefix}-{n:x}`, written on the stack: one allocation (the header value's).
+fn numbered_id(prefix: &str, n: u64) -> HeaderValue {
+    let prefix = prefix.as_bytes();
+    let mut buf = [0u8; 64];
+    // Room for the prefix, '-' and 16 hex digits.
+    let Some(head) = buf
+        .get_mut(..prefix.len())
+        .filter(|_| prefix.len() <= 64 - 17)
+    else {
+        return HeaderValue::from_static("unknown");
+    };
+    head.copy_from_slice(prefix);
+    let mut len = prefix.len();
+    buf[len] = b'-';
+    len += 1;
+    let digits = (64 - n.leading_zeros()).div_ceil(4).max(1) as usize;
+    for i in 0..digits {
+        let nibble = (n >> (4 * (digits - 1 - i))) & 0xf;
+        buf[len + i] = b"0123456789abcdef"[nibble as usize];
+    }
+    len += digits;
+    HeaderValue::from_bytes(&buf[..len]).unwrap_or_else(|_| HeaderValue::from_static("unknown"))
 }
 
 /// A per-process random prefix for request ids.
@@ -718,17 +734,20 @@ async fn forward(
                     String::new()
                 };
                 // For an unsampled request: no OpenTelemetry span or context, only ids.
-                let client = tracer.http_client_span_child_of(
+                let client = tracer.http_client_span_child_of_with_tags(
                     server,
                     &upstream_parts.method,
                     &url,
                     &mut upstream_parts.headers,
+                    |tags| {
+                        tags.push(KeyValue::new("trellis.service", service.to_owned()));
+                        tags.push(KeyValue::new(
+                            "trellis.upstream.instance",
+                            picked.id().to_owned(),
+                        ));
+                        tags.push(KeyValue::new("trellis.attempt", i64::from(attempt)));
+                    },
                 );
-                if client.is_recording() {
-                    client.set_tag("trellis.service", service.to_owned());
-                    client.set_tag("trellis.upstream.instance", picked.id().to_owned());
-                    client.set_tag("trellis.attempt", i64::from(attempt));
-                }
                 Some(client)
             }
             _ => None,
@@ -971,21 +990,22 @@ fn pick(state: &State, route: &Route, headers: &HeaderMap) -> Option<Picked<Upst
 
 /// Trace headers the client sent; the client span's own replace them upstream (a
 /// malformed `b3` must not travel beside a fresh `traceparent`).
+/// Trace context headers (W3C and B3), replaced by the client span's.
+static TRACE_HEADERS: [HeaderName; 9] = [
+    HeaderName::from_static("traceparent"),
+    HeaderName::from_static("tracestate"),
+    HeaderName::from_static("baggage"),
+    HeaderName::from_static("b3"),
+    HeaderName::from_static("x-b3-traceid"),
+    HeaderName::from_static("x-b3-spanid"),
+    HeaderName::from_static("x-b3-parentspanid"),
+    HeaderName::from_static("x-b3-sampled"),
+    HeaderName::from_static("x-b3-flags"),
+];
+
 fn remove_trace_headers(headers: &mut HeaderMap) {
-    // Names parsed once (removing by `&str` parses the name on every call).
-    const TRACE_HEADERS: [HeaderName; 9] = [
-        HeaderName::from_static("traceparent"),
-        HeaderName::from_static("tracestate"),
-        HeaderName::from_static("baggage"),
-        HeaderName::from_static("b3"),
-        HeaderName::from_static("x-b3-traceid"),
-        HeaderName::from_static("x-b3-spanid"),
-        HeaderName::from_static("x-b3-parentspanid"),
-        HeaderName::from_static("x-b3-sampled"),
-        HeaderName::from_static("x-b3-flags"),
-    ];
     // Most requests carry none: one pass over the (few) header names, no hashing.
-    if headers.keys().any(|name| TRACE_HEADERS.contains(name)) {
+    if headers.keys().any(trellis_tracing::is_trace_header) {
         for name in &TRACE_HEADERS {
             headers.remove(name);
         }
@@ -993,16 +1013,44 @@ fn remove_trace_headers(headers: &mut HeaderMap) {
 }
 
 fn strip_hop_by_hop(headers: &mut HeaderMap) {
-    // Headers named by Connection are hop-by-hop too.
-    let named: Vec<HeaderName> = headers
-        .get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
-        .collect();
-    for name in named.iter().chain(HOP_BY_HOP.iter()) {
+    // One pass over the names (no hashing) finds which are present; most requests carry
+    // none, most responses only `Connection: keep-alive`.
+    let mut present = 0u16;
+    for name in headers.keys() {
+        if let Some(i) = HOP_BY_HOP.iter().position(|hop| hop == name) {
+            present |= 1 << i;
+        }
+    }
+    if present == 0 {
+        return;
+    }
+    // Headers named by Connection are hop-by-hop too (the listed ones go anyway, and
+    // `close` names no header).
+    let mut named: Vec<HeaderName> = Vec::new();
+    if present & 1 != 0 {
+        for value in headers.get_all(header::CONNECTION) {
+            let Ok(value) = value.to_str() else { continue };
+            for token in value.split(',').map(str::trim) {
+                if token.eq_ignore_ascii_case("close")
+                    || HOP_BY_HOP
+                        .iter()
+                        .any(|hop| token.eq_ignore_ascii_case(hop.as_str()))
+                {
+                    continue;
+                }
+                if let Ok(name) = HeaderName::from_bytes(token.as_bytes()) {
+                    named.push(name);
+                }
+            }
+        }
+    }
+    for name in &named {
         headers.remove(name);
+    }
+    for (i, name) in HOP_BY_HOP.iter().enumerate() {
+        if present & (1 << i) != 0 {
+            headers.remove(name);
+        }
     }
 }
 
@@ -1029,4 +1077,40 @@ fn forward_headers(
         headers.insert(X_FORWARDED_HOST, value.clone());
     }
     headers.insert(REQUEST_ID, request_id.clone());
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn numbered_ids_are_prefix_dash_lowercase_hex() {
+        for n in [0u64, 1, 0xf, 0x10, 0xabc, u64::MAX] {
+            assert_eq!(
+                numbered_id("0123456789abcdef", n),
+                format!("0123456789abcdef-{n:x}").as_str()
+            );
+        }
+        assert_eq!(numbered_id(&"p".repeat(60), 1), "unknown");
+    }
+
+    #[test]
+    fn hop_by_hop_headers_and_those_connection_names_are_stripped() {
+        let mut headers = HeaderMap::new();
+        headers.insert(header::HOST, HeaderValue::from_static("a"));
+        headers.insert(header::ACCEPT, HeaderValue::from_static("*/*"));
+        let untouched = headers.clone();
+        strip_hop_by_hop(&mut headers);
+        assert_eq!(headers, untouched, "nothing hop-by-hop: nothing removed");
+
+        headers.insert(
+            header::CONNECTION,
+            HeaderValue::from_static("keep-alive, x-secret"),
+        );
+        headers.insert("keep-alive", HeaderValue::from_static("timeout=5"));
+        headers.insert("x-secret", HeaderValue::from_static("1"));
+        headers.insert(header::TE, HeaderValue::from_static("trailers"));
+        strip_hop_by_hop(&mut headers);
+        assert_eq!(headers, untouched);
+    }
 }

@@ -104,9 +104,11 @@ impl Inner {
         match inner.traces.get_mut(&trace_id) {
             Some(spans) => spans.push_back(Stored { service, data }),
             None => {
-                inner
-                    .traces
-                    .insert(trace_id, VecDeque::from([Stored { service, data }]));
+                // Room for a server span and its client span (a gateway's trace) without
+                // growing.
+                let mut spans = VecDeque::with_capacity(2);
+                spans.push_back(Stored { service, data });
+                inner.traces.insert(trace_id, spans);
                 inner.order.push_back(trace_id);
             }
         }

@@ -8,8 +8,8 @@ use std::borrow::Cow;
 use std::ops::Deref;
 
 use http::{HeaderMap, Method};
-use opentelemetry::Context;
 use opentelemetry::trace::SpanKind;
+use opentelemetry::{Context, KeyValue};
 
 use crate::tracer::{DistributedTracer, Span};
 
@@ -51,16 +51,18 @@ impl DistributedTracer {
         } else {
             self.propagator().extract_headers(headers)
         };
+        // Tags only when recorded: an unsampled request allocates nothing for them.
         let span = self
             .span(method_name(method))
             .child_of(&parent)
             .kind(SpanKind::Server)
-            .start();
-        // Tags only when recorded: an unsampled request allocates nothing for them.
-        if span.is_recording() {
-            span.set_tag("http.request.method", method.as_str().to_owned());
-            span.set_tag("url.path", path.to_owned());
-        }
+            .start_with_tags(|tags| {
+                tags.push(KeyValue::new(
+                    "http.request.method",
+                    method.as_str().to_owned(),
+                ));
+                tags.push(KeyValue::new("url.path", path.to_owned()));
+            });
         HttpServerSpan {
             span,
             method: method.clone(),
@@ -95,7 +97,7 @@ impl DistributedTracer {
             };
         }
         let span = self.span(method_name(method)).child_of(parent);
-        self.client_span(span, method, url, headers)
+        self.client_span(span, method, url, headers, |_| {})
     }
 
     /// Same as [`http_client_span`](Self::http_client_span) as a child of `parent` (the
@@ -113,7 +115,27 @@ impl DistributedTracer {
             };
         }
         let span = self.span(method_name(method)).child_of_span(parent);
-        self.client_span(span, method, url, headers)
+        self.client_span(span, method, url, headers, |_| {})
+    }
+
+    /// Same as [`http_client_span_child_of`](Self::http_client_span_child_of) with more
+    /// tags, which `tags` pushes only when the span is recorded (the gateway's service,
+    /// instance and attempt).
+    pub fn http_client_span_child_of_with_tags(
+        &self,
+        parent: &Span,
+        method: &Method,
+        url: &str,
+        headers: &mut HeaderMap,
+        tags: impl FnOnce(&mut Vec<KeyValue>),
+    ) -> HttpClientSpan {
+        if !self.is_enabled() {
+            return HttpClientSpan {
+                span: self.span("").start(),
+            };
+        }
+        let span = self.span(method_name(method)).child_of_span(parent);
+        self.client_span(span, method, url, headers, tags)
     }
 
     fn client_span(
@@ -122,12 +144,16 @@ impl DistributedTracer {
         method: &Method,
         url: &str,
         headers: &mut HeaderMap,
+        tags: impl FnOnce(&mut Vec<KeyValue>),
     ) -> HttpClientSpan {
-        let span = start.kind(SpanKind::Client).start();
-        if span.is_recording() {
-            span.set_tag("http.request.method", method.as_str().to_owned());
-            span.set_tag("url.full", url.to_owned());
-        }
+        let span = start.kind(SpanKind::Client).start_with_tags(|all| {
+            all.push(KeyValue::new(
+                "http.request.method",
+                method.as_str().to_owned(),
+            ));
+            all.push(KeyValue::new("url.full", url.to_owned()));
+            tags(all);
+        });
         if self.is_sdk_only() {
             use opentelemetry::propagation::TextMapPropagator as _;
             self.propagator()

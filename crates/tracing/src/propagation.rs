@@ -43,7 +43,6 @@ const B3_FLAGS: &str = "x-b3-flags";
 // Parsed once: looking a header up or inserting it by `&str` parses the name every time.
 const TRACEPARENT_NAME: HeaderName = HeaderName::from_static("traceparent");
 const TRACESTATE_NAME: HeaderName = HeaderName::from_static("tracestate");
-const BAGGAGE_NAME: HeaderName = HeaderName::from_static("baggage");
 const B3_SINGLE_NAME: HeaderName = HeaderName::from_static(B3_SINGLE);
 const B3_TRACE_ID_NAME: HeaderName = HeaderName::from_static(B3_TRACE_ID);
 const B3_SPAN_ID_NAME: HeaderName = HeaderName::from_static(B3_SPAN_ID);
@@ -86,6 +85,20 @@ impl Default for Propagator {
     }
 }
 
+/// Whether `name` is a trace context header this crate reads or writes: W3C
+/// `traceparent`, `tracestate` and `baggage`, B3 single (`b3`) or multi (`x-b3-*`).
+/// Compares the name's text, without hashing: a pass over a request's few header names
+/// costs less than looking each of these up.
+pub fn is_trace_header(name: &HeaderName) -> bool {
+    let name = name.as_str();
+    match name.as_bytes().first() {
+        Some(b't') => name == "traceparent" || name == "tracestate",
+        Some(b'b') => name == "b3" || name == "baggage",
+        Some(b'x') => name.starts_with("x-b3-"),
+        _ => false,
+    }
+}
+
 impl Propagator {
     /// A propagator that writes W3C headers and `b3`-style B3 headers.
     pub fn new(b3: B3Encoding) -> Self {
@@ -114,12 +127,8 @@ impl Propagator {
     /// The trace context carried by `headers`, or an empty context (new root) when there
     /// is none or it is malformed.
     pub fn extract_headers(&self, headers: &HeaderMap) -> Context {
-        // Most requests carry no trace headers at all: four lookups by pre-parsed name.
-        if !headers.contains_key(&TRACEPARENT_NAME)
-            && !headers.contains_key(&B3_SINGLE_NAME)
-            && !headers.contains_key(&B3_TRACE_ID_NAME)
-            && !headers.contains_key(&BAGGAGE_NAME)
-        {
+        // Most requests carry no trace headers at all: one pass over the (few) names.
+        if !headers.keys().any(is_trace_header) {
             return Context::new();
         }
         self.extract_with_context(&Context::new(), &HeaderExtractor(headers))
@@ -445,6 +454,38 @@ mod tests {
 
     const TRACE: &str = "4bf92f3577b34da6a3ce929d0e0e4736";
     const SPAN: &str = "00f067aa0ba902b7";
+
+    #[test]
+    fn trace_headers_are_told_from_others_by_name() {
+        for name in [
+            "traceparent",
+            "tracestate",
+            "baggage",
+            "b3",
+            "x-b3-traceid",
+            "x-b3-spanid",
+            "x-b3-parentspanid",
+            "x-b3-sampled",
+            "x-b3-flags",
+        ] {
+            assert!(is_trace_header(&HeaderName::from_static(name)), "{name}");
+        }
+        for name in [
+            "te",
+            "trailer",
+            "b3x",
+            "x-forwarded-for",
+            "x-b3",
+            "host",
+            "tracer",
+        ] {
+            assert!(!is_trace_header(&HeaderName::from_static(name)), "{name}");
+        }
+        // A request whose only trace header is B3's sampled flag still gets the full
+        // extraction (a decision without ids: a new root).
+        let cx = Propagator::default().extract_headers(&headers(&[("x-b3-sampled", "1")]));
+        assert!(!cx.span().span_context().is_valid());
+    }
 
     fn headers(pairs: &[(&str, &str)]) -> HeaderMap {
         let mut map = HeaderMap::new();

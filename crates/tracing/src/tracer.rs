@@ -484,8 +484,22 @@ impl SpanStart<'_> {
     /// flags — enough to propagate `traceparent` with `sampled=0` and for its children to
     /// follow the decision. Sampled spans are SDK spans.
     pub fn start(self) -> Span {
+        self.start_with_tags(|_| {})
+    }
+
+    /// Starts the span with the tags `tags` pushes, computed only when the span is
+    /// recorded: an unsampled span allocates nothing for them, and a recorded one gets
+    /// them with its start instead of a locked [`Span::set_tag`] each.
+    pub fn start_with_tags(self, tags: impl FnOnce(&mut Vec<KeyValue>)) -> Span {
         let (Some(inner), Some(builder)) = (&self.tracer.inner, self.builder) else {
             return Span::disabled();
+        };
+        let recording = |mut builder: SpanBuilder, parent: Context| {
+            // Room for the tags set later too (the SDK keeps this vector).
+            let attributes = builder.attributes.get_or_insert_with(Vec::new);
+            attributes.reserve(RECORDED_TAGS);
+            tags(attributes);
+            Span::recording(inner, builder, parent)
         };
         let parent = match self.parent {
             Parent::Unsampled { sc, base } if !inner.sdk_only => {
@@ -496,13 +510,13 @@ impl SpanStart<'_> {
             Parent::Current => Context::current(),
         };
         if inner.sdk_only || parent.is_telemetry_suppressed() {
-            return Span::recording(inner, builder, parent);
+            return recording(builder, parent);
         }
         let span = parent.span();
         let psc = span.span_context();
         if psc.is_valid() {
             if psc.is_sampled() {
-                return Span::recording(inner, builder, parent);
+                return recording(builder, parent);
             }
             // Parent-based: a child of an unsampled span is not sampled either.
             let sc = child_context(psc);
@@ -511,7 +525,7 @@ impl SpanStart<'_> {
         let trace_id = ids::trace_id();
         if inner.ratio.keeps(trace_id) {
             ids::hand_over(trace_id);
-            let span = Span::recording(inner, builder, parent);
+            let span = recording(builder, parent);
             ids::clear_hand_over();
             return span;
         }
@@ -525,6 +539,9 @@ impl SpanStart<'_> {
         Span::unsampled(sc, parent)
     }
 }
+
+/// Tags a recorded span has room for from its start (the HTTP spans set about eight).
+const RECORDED_TAGS: usize = 8;
 
 /// The context of an unsampled child of `parent`: same trace, new span id, not sampled.
 fn child_context(parent: &SpanContext) -> SpanContext {
