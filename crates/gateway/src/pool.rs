@@ -187,7 +187,10 @@ impl Pool {
                 source,
             })?;
         let _ = stream.set_nodelay(true);
-        let (sender, connection) = http1::handshake(TokioIo::new(stream))
+        // One flattened write per request, as on the listening side (see `server`).
+        let (sender, connection) = http1::Builder::new()
+            .writev(false)
+            .handshake(TokioIo::new(stream))
             .await
             .map_err(PoolError::Request)?;
         Ok(Entry { sender, connection })
