@@ -156,14 +156,13 @@ fn strings(list: &mut Vec<String>, value: &Value, split_spaces: bool) {
 }
 
 impl ClaimRules {
-    /// Checks the claims of a token whose signature verified, at `now`.
-    pub(crate) fn check(
+    /// `exp` and `nbf` against `now`, with the leeway (the checks a cached verification
+    /// repeats).
+    pub(crate) fn check_times(
         &self,
-        raw: Map<String, Value>,
-        algorithm: JwtAlgorithm,
-        key_id: Option<String>,
+        raw: &Map<String, Value>,
         now: SystemTime,
-    ) -> Result<Claims, AuthError> {
+    ) -> Result<(), AuthError> {
         let now = now
             .duration_since(UNIX_EPOCH)
             .map_or(0.0, |d| d.as_secs_f64());
@@ -179,11 +178,6 @@ impl ClaimRules {
                     }),
             }
         };
-        for name in &self.required {
-            if raw.get(name).is_none_or(Value::is_null) {
-                return Err(AuthError::MissingClaim(Shown::new(name)));
-            }
-        }
         if let Some(exp) = date("exp")?
             && now >= exp + leeway
         {
@@ -202,6 +196,23 @@ impl ClaimRules {
                 leeway_secs: self.leeway.as_secs(),
             });
         }
+        Ok(())
+    }
+
+    /// Checks the claims of a token whose signature verified, at `now`.
+    pub(crate) fn check(
+        &self,
+        raw: Map<String, Value>,
+        algorithm: JwtAlgorithm,
+        key_id: Option<String>,
+        now: SystemTime,
+    ) -> Result<Claims, AuthError> {
+        for name in &self.required {
+            if raw.get(name).is_none_or(Value::is_null) {
+                return Err(AuthError::MissingClaim(Shown::new(name)));
+            }
+        }
+        self.check_times(&raw, now)?;
         if !self.issuers.is_empty() {
             match raw.get("iss") {
                 Some(Value::String(iss)) if self.issuers.iter().any(|i| i == iss) => {}

@@ -1,7 +1,8 @@
 //! [`JwtVerifier`]: checks a bearer token and returns its [`Claims`].
 
-use std::sync::Arc;
-use std::time::{Duration, SystemTime};
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime};
 
 use http::{HeaderMap, HeaderName, HeaderValue};
 
@@ -27,11 +28,71 @@ struct Inner {
     rules: ClaimRules,
     forward: ForwardClaims,
     clock: Clock,
+    verified: VerifiedCache,
+}
+
+/// Tokens that passed every check recently, keyed by their exact text, so that a client
+/// sending the same token with each request pays for the signature once a minute (as
+/// Envoy's and Kong's JWT caches do). A hit re-checks `exp` and `nbf` against the clock; a
+/// token differing in one byte is another key and is verified in full. Entries last
+/// [`VERIFIED_TTL`], and a JWKS refresh (a new key-set generation) voids them. At most
+/// [`VERIFIED_ENTRIES`] tokens of at most [`VERIFIED_TOKEN_BYTES`] bytes are held; a full
+/// cache is emptied and refilled.
+#[derive(Default)]
+struct VerifiedCache {
+    entries: Mutex<HashMap<Box<str>, Verified>>,
+}
+
+struct Verified {
+    claims: Claims,
+    /// The key-set generation it was verified with (0 for a secret or a PEM key).
+    generation: u64,
+    until: Instant,
+}
+
+const VERIFIED_TTL: Duration = Duration::from_secs(60);
+const VERIFIED_ENTRIES: usize = 1024;
+const VERIFIED_TOKEN_BYTES: usize = 4096;
+
+impl VerifiedCache {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<Box<str>, Verified>> {
+        self.entries
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn get(&self, token: &str, generation: u64) -> Option<Claims> {
+        let entries = self.lock();
+        let hit = entries.get(token)?;
+        (hit.generation == generation && Instant::now() < hit.until).then(|| hit.claims.clone())
+    }
+
+    fn put(&self, token: &str, generation: u64, claims: &Claims) {
+        if token.len() > VERIFIED_TOKEN_BYTES {
+            return;
+        }
+        let mut entries = self.lock();
+        if entries.len() >= VERIFIED_ENTRIES && !entries.contains_key(token) {
+            entries.clear();
+        }
+        entries.insert(
+            token.into(),
+            Verified {
+                claims: claims.clone(),
+                generation,
+                until: Instant::now() + VERIFIED_TTL,
+            },
+        );
+    }
 }
 
 /// Verifies bearer JWTs: size, shape, algorithm allow-list, key, signature, then `exp`,
 /// `nbf`, `iss`, `aud` and the required claims — in that order, so nothing about the claims
 /// of a forged token is ever looked at.
+///
+/// A token that passed is remembered for up to a minute by its exact text (at most 1,024
+/// tokens of up to 4 KiB), so repeating it skips the signature check; `exp` and `nbf` are
+/// checked again on every use, and a JWKS refresh forgets every remembered token.
 ///
 /// Cheap to clone (one `Arc`); share one per gateway. With a JWKS URL it must be built inside
 /// a tokio runtime, which runs the periodic refresh until the last clone is dropped.
@@ -101,6 +162,17 @@ impl JwtVerifier {
     /// call fetches the key set if the background refresh has not yet.
     pub async fn verify(&self, token: &str) -> Result<Claims, AuthError> {
         let inner = &*self.inner;
+        let generation = inner.generation();
+        if let Some(claims) = inner.cached(token, generation) {
+            return claims;
+        }
+        let claims = self.verify_uncached(token).await?;
+        inner.verified.put(token, generation, &claims);
+        Ok(claims)
+    }
+
+    async fn verify_uncached(&self, token: &str) -> Result<Claims, AuthError> {
+        let inner = &*self.inner;
         let parsed = token::parse(token, inner.max_token_bytes, &inner.algorithms)?;
         let jwks = match &inner.keys {
             Keys::Static(key) => return inner.finish(&parsed, key),
@@ -127,8 +199,12 @@ impl JwtVerifier {
     /// it is the same as [`JwtVerifier::verify`].
     pub fn verify_cached(&self, token: &str) -> Result<Claims, AuthError> {
         let inner = &*self.inner;
+        let generation = inner.generation();
+        if let Some(claims) = inner.cached(token, generation) {
+            return claims;
+        }
         let parsed = token::parse(token, inner.max_token_bytes, &inner.algorithms)?;
-        match &inner.keys {
+        let claims = match &inner.keys {
             Keys::Static(key) => inner.finish(&parsed, key),
             Keys::Jwks(jwks) => {
                 let keys = jwks.keys();
@@ -138,7 +214,9 @@ impl JwtVerifier {
                     Pick::Missing(why) => Err(missing(jwks, &keys, why)),
                 }
             }
-        }
+        }?;
+        inner.verified.put(token, generation, &claims);
+        Ok(claims)
     }
 
     /// Fetches the JWKS now, ignoring the rate limit (call it at start-up to fail early);
@@ -160,6 +238,24 @@ fn missing(jwks: &Jwks, keys: &[crate::keys::JwkKey], why: String) -> AuthError 
 }
 
 impl Inner {
+    /// The key-set generation (0 for a secret or a PEM key).
+    fn generation(&self) -> u64 {
+        match &self.keys {
+            Keys::Static(_) => 0,
+            Keys::Jwks(jwks) => jwks.generation(),
+        }
+    }
+
+    /// A recently verified token's claims, with `exp` and `nbf` checked again now.
+    fn cached(&self, token: &str, generation: u64) -> Option<Result<Claims, AuthError>> {
+        let claims = self.verified.get(token, generation)?;
+        Some(
+            self.rules
+                .check_times(claims.raw(), (self.clock)())
+                .map(|()| claims),
+        )
+    }
+
     fn finish(&self, parsed: &Parsed<'_>, key: &Key) -> Result<Claims, AuthError> {
         if !key.allows(parsed.alg) {
             // The allow-list was checked against the key at build time; this is a second
@@ -362,6 +458,7 @@ impl JwtVerifierBuilder {
                 },
                 forward: resolved.forward,
                 clock: self.clock.unwrap_or_else(|| Arc::new(SystemTime::now)),
+                verified: VerifiedCache::default(),
             }),
         })
     }

@@ -611,3 +611,52 @@ fn base64_url(bytes: &[u8]) -> String {
     use base64::Engine as _;
     base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes)
 }
+
+/// A verified token is remembered (by its exact text), but never beyond what a full
+/// verification would accept: its `exp` is checked again on every use, and a token that
+/// differs in one byte is verified from scratch.
+#[test]
+fn a_remembered_token_still_expires_and_a_changed_one_is_verified_again() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicU64, Ordering};
+
+    let now = Arc::new(AtomicU64::new(1_000_000));
+    let clock = now.clone();
+    let verifier = JwtVerifier::builder()
+        .secret(SECRET)
+        .leeway(Duration::ZERO)
+        .clock(move || UNIX_EPOCH + Duration::from_secs(clock.load(Ordering::SeqCst)))
+        .build()
+        .unwrap();
+    let body = with(json!({"sub": "alice"}), "exp", json!(1_000_010));
+    let token = sign_hs(&body, SECRET.as_bytes());
+    for _ in 0..3 {
+        let claims = verifier.verify_cached(&token).unwrap();
+        assert_eq!(claims.subject(), Some("alice"));
+    }
+    // One byte changed in the signature, then in the payload: refused, not remembered.
+    let mut forged = token.clone().into_bytes();
+    let last = forged.len() - 2;
+    forged[last] = if forged[last] == b'A' { b'B' } else { b'A' };
+    assert_eq!(
+        reason(&verifier, std::str::from_utf8(&forged).unwrap()),
+        "bad_signature"
+    );
+    let (head, rest) = token.split_once('.').unwrap();
+    let (_, signature) = rest.split_once('.').unwrap();
+    let other_body =
+        base64_url(&serde_json::to_vec(&with(body.clone(), "sub", json!("mallory"))).unwrap());
+    assert_eq!(
+        reason(&verifier, &format!("{head}.{other_body}.{signature}")),
+        "bad_signature"
+    );
+    assert_eq!(
+        verifier.verify_cached(&token).unwrap().subject(),
+        Some("alice")
+    );
+    // Past its exp, the remembered token is refused like any other.
+    now.store(1_000_010, Ordering::SeqCst);
+    assert_eq!(reason(&verifier, &token), "expired");
+    now.store(1_000_000, Ordering::SeqCst);
+    assert!(verifier.verify_cached(&token).is_ok());
+}
