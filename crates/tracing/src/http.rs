@@ -109,13 +109,7 @@ impl DistributedTracer {
         url: &str,
         headers: &mut HeaderMap,
     ) -> HttpClientSpan {
-        if !self.is_enabled() {
-            return HttpClientSpan {
-                span: self.span("").start(),
-            };
-        }
-        let span = self.span(method_name(method)).child_of_span(parent);
-        self.client_span(span, method, url, headers, |_| {})
+        self.http_client_span_child_of_with_tags(parent, method, url, headers, |_| {})
     }
 
     /// Same as [`http_client_span_child_of`](Self::http_client_span_child_of) with more
