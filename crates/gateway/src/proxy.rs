@@ -537,8 +537,8 @@ async fn forward(
         preflight: false,
     });
     if let Some(span) = span {
-        span.set_route(&route.config.path);
-        span.set_service(&route.config.service);
+        span.set_route(&route.path_tag);
+        span.set_service(&route.service_tag);
     }
     let max_body = state.limits.max_body_bytes;
     let content_length = parts
@@ -725,7 +725,7 @@ async fn forward(
         // the caller's) is what the instance receives.
         let client_span = match (&state.tracer, span) {
             (Some(tracer), Some(server)) => {
-                server.set_upstream(picked.id());
+                server.set_upstream(picked.endpoint().shared_id());
                 remove_trace_headers(&mut upstream_parts.headers);
                 // The URL is a tag: formatted only for a recorded trace.
                 let url = if server.is_recording() {
@@ -740,10 +740,10 @@ async fn forward(
                     &url,
                     &mut upstream_parts.headers,
                     |tags| {
-                        tags.push(KeyValue::new("trellis.service", service.to_owned()));
+                        tags.push(KeyValue::new("trellis.service", route.service_tag.clone()));
                         tags.push(KeyValue::new(
                             "trellis.upstream.instance",
-                            picked.id().to_owned(),
+                            picked.endpoint().shared_id().clone(),
                         ));
                         tags.push(KeyValue::new("trellis.attempt", i64::from(attempt)));
                     },

@@ -27,6 +27,9 @@ pub(crate) struct Upstream {
 #[derive(Debug)]
 pub(crate) struct Route {
     pub(crate) config: RouteConfig,
+    /// `config.path` and `config.service`, shared with the spans that record them.
+    pub(crate) path_tag: Arc<str>,
+    pub(crate) service_tag: Arc<str>,
     /// The path pattern without a trailing `/*` (empty for `/*`).
     prefix: String,
     wildcard: bool,
@@ -129,6 +132,8 @@ impl RouteTable {
                     None => (config.path.clone(), false),
                 };
                 Route {
+                    path_tag: Arc::from(config.path.as_str()),
+                    service_tag: Arc::from(config.service.as_str()),
                     prefix,
                     wildcard,
                     methods: config

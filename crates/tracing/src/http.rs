@@ -6,10 +6,11 @@
 
 use std::borrow::Cow;
 use std::ops::Deref;
+use std::sync::Arc;
 
 use http::{HeaderMap, Method};
 use opentelemetry::trace::SpanKind;
-use opentelemetry::{Context, KeyValue};
+use opentelemetry::{Context, KeyValue, Value};
 
 use crate::tracer::{DistributedTracer, Span};
 
@@ -57,10 +58,7 @@ impl DistributedTracer {
             .child_of(&parent)
             .kind(SpanKind::Server)
             .start_with_tags(|tags| {
-                tags.push(KeyValue::new(
-                    "http.request.method",
-                    method.as_str().to_owned(),
-                ));
+                tags.push(KeyValue::new("http.request.method", method_value(method)));
                 tags.push(KeyValue::new("url.path", path.to_owned()));
             });
         HttpServerSpan {
@@ -141,10 +139,7 @@ impl DistributedTracer {
         tags: impl FnOnce(&mut Vec<KeyValue>),
     ) -> HttpClientSpan {
         let span = start.kind(SpanKind::Client).start_with_tags(|all| {
-            all.push(KeyValue::new(
-                "http.request.method",
-                method.as_str().to_owned(),
-            ));
+            all.push(KeyValue::new("http.request.method", method_value(method)));
             all.push(KeyValue::new("url.full", url.to_owned()));
             tags(all);
         });
@@ -157,6 +152,43 @@ impl DistributedTracer {
         }
         HttpClientSpan { span }
     }
+}
+
+/// Text for a span tag, made an owned value only when the span records it: a `&str` is
+/// copied then, an `Arc<str>` (a route's or an instance's name, kept by the caller) only
+/// shared.
+pub trait TagText {
+    /// The tag's value.
+    fn into_value(self) -> Value;
+}
+
+impl TagText for &str {
+    fn into_value(self) -> Value {
+        Value::from(self.to_owned())
+    }
+}
+
+impl TagText for &Arc<str> {
+    fn into_value(self) -> Value {
+        Value::from(self.clone())
+    }
+}
+
+impl TagText for Arc<str> {
+    fn into_value(self) -> Value {
+        Value::from(self)
+    }
+}
+
+impl TagText for String {
+    fn into_value(self) -> Value {
+        Value::from(self)
+    }
+}
+
+/// The `http.request.method` value, without allocating for the standard methods.
+fn method_value(method: &Method) -> Value {
+    Value::from(method_name(method))
 }
 
 /// The span name for `method`, without allocating for the standard methods.
@@ -176,25 +208,27 @@ fn method_name(method: &Method) -> Cow<'static, str> {
 impl HttpServerSpan {
     /// Records the matched route template (`/users/{id}`) and names the span
     /// `METHOD route`.
-    pub fn set_route(&self, route: &str) {
+    pub fn set_route(&self, route: impl TagText) {
         if self.span.is_recording() {
-            self.span.set_tag("http.route", route.to_owned());
-            self.span.set_name(format!("{} {route}", self.method));
+            let route = route.into_value();
+            self.span
+                .set_name(format!("{} {}", self.method, route.as_str()));
+            self.span.set_tag("http.route", route);
         }
     }
 
     /// Records the service the request was routed to.
-    pub fn set_service(&self, service: &str) {
+    pub fn set_service(&self, service: impl TagText) {
         if self.span.is_recording() {
-            self.span.set_tag("trellis.service", service.to_owned());
+            self.span.set_tag("trellis.service", service.into_value());
         }
     }
 
     /// Records the instance (`host:port` or id) that served the request.
-    pub fn set_upstream(&self, instance: &str) {
+    pub fn set_upstream(&self, instance: impl TagText) {
         if self.span.is_recording() {
             self.span
-                .set_tag("trellis.upstream.instance", instance.to_owned());
+                .set_tag("trellis.upstream.instance", instance.into_value());
         }
     }
 

@@ -4,12 +4,11 @@
 //! 128-bit multiply per number) seeded once per thread from the standard library's
 //! randomly keyed hasher costs a few nanoseconds and never makes a system call.
 //!
-//! Why the decision is made here, before the SDK: an unsampled root then creates no SDK
-//! span at all (see [`tracer`](crate::tracer)). For a kept root the SDK must see the *same*
-//! trace id, or its own ratio sampler would decide again on another id; the id is handed
-//! over through [`IdGen`], the SDK provider's id generator, which takes a pending id before
-//! drawing a new one. The rule is the SDK's `TraceIdRatioBased` one, so spans that the
-//! `tracing-opentelemetry` layer starts through the SDK directly are sampled alike.
+//! Why the decision is made here, before the SDK: spans started through
+//! [`DistributedTracer`](crate::DistributedTracer) never reach the SDK's sampler (an
+//! unsampled one is ids only, a sampled one is recorded by this crate, see
+//! [`tracer`](crate::tracer)). The rule is the SDK's `TraceIdRatioBased` one, so spans that
+//! the `tracing-opentelemetry` layer starts through the SDK directly are sampled alike.
 
 use std::cell::Cell;
 use std::hash::{BuildHasher, Hasher};
@@ -19,8 +18,6 @@ use opentelemetry_sdk::trace::IdGenerator;
 
 thread_local! {
     static STATE: Cell<u64> = Cell::new(seed());
-    /// A root trace id already judged "keep", waiting for the SDK to ask for it.
-    static PENDING_TRACE_ID: Cell<Option<TraceId>> = const { Cell::new(None) };
 }
 
 fn seed() -> u64 {
@@ -94,24 +91,13 @@ impl Ratio {
     }
 }
 
-/// Makes the SDK's next root span use `trace_id` (already judged "keep") on this thread.
-pub(crate) fn hand_over(trace_id: TraceId) {
-    PENDING_TRACE_ID.with(|p| p.set(Some(trace_id)));
-}
-
-/// Drops an id handed over but not taken (the SDK returned early, e.g. after shutdown).
-pub(crate) fn clear_hand_over() {
-    PENDING_TRACE_ID.with(|p| p.set(None));
-}
-
-/// The SDK provider's id generator: the handed-over trace id when there is one, else
-/// fresh ids from this module.
+/// The SDK provider's id generator: ids from this module.
 #[derive(Debug, Default)]
 pub(crate) struct IdGen;
 
 impl IdGenerator for IdGen {
     fn new_trace_id(&self) -> TraceId {
-        PENDING_TRACE_ID.with(Cell::take).unwrap_or_else(trace_id)
+        trace_id()
     }
 
     fn new_span_id(&self) -> SpanId {
@@ -149,13 +135,5 @@ mod tests {
         }
         assert!(Ratio::new(1.0).keeps(TraceId::from(u128::MAX)));
         assert!(!Ratio::new(0.0).keeps(TraceId::from(1u128)));
-    }
-
-    #[test]
-    fn a_handed_over_id_is_taken_once() {
-        let id = TraceId::from(42u128);
-        hand_over(id);
-        assert_eq!(IdGen.new_trace_id(), id);
-        assert_ne!(IdGen.new_trace_id(), id);
     }
 }

@@ -85,6 +85,7 @@ mod install;
 mod propagation;
 #[cfg(feature = "receiver")]
 pub mod receiver;
+mod record;
 mod store;
 mod tracer;
 
@@ -92,7 +93,7 @@ pub use buffer::{EventView, LinkView, SpanView, StatusView, TraceBuffer, TraceSu
 pub use config::{B3Encoding, Protocol, TracingConfig};
 pub use error::{Result, TracingError};
 pub use export::ExportStats;
-pub use http::{HttpClientSpan, HttpServerSpan};
+pub use http::{HttpClientSpan, HttpServerSpan, TagText};
 pub use install::{TracingGuard, install, set_global};
 pub use propagation::{
     HeaderExtractor, HeaderInjector, Propagator, extract, extract_from_map, inject,

@@ -150,6 +150,8 @@ impl Propagator {
             let trace = sc.trace_id().to_bytes();
             let span = sc.span_id().to_bytes();
             let sampled = sc.is_sampled();
+            // One growth of the map at most, for traceparent and the three B3 headers.
+            headers.reserve(if sampled { 4 } else { 1 });
             // 00-{trace:32}-{span:16}-{flags:2}
             let mut tp = *b"00-00000000000000000000000000000000-0000000000000000-00";
             hex_into(&trace, &mut tp[3..35]);

@@ -6,6 +6,7 @@ use std::future::Future;
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
+use opentelemetry::InstrumentationScope;
 use opentelemetry::context::{ContextGuard, FutureExt, WithContext};
 use opentelemetry::trace::{
     Link, SpanBuilder, SpanContext, SpanKind, Status, TraceContextExt, TraceFlags, TraceState,
@@ -13,7 +14,9 @@ use opentelemetry::trace::{
 };
 use opentelemetry::{Context, Key, KeyValue, Value};
 use opentelemetry_sdk::Resource;
-use opentelemetry_sdk::trace::{Sampler, SdkTracer, SdkTracerProvider, SpanExporter};
+use opentelemetry_sdk::trace::{
+    Sampler, SdkTracer, SdkTracerProvider, SpanExporter, SpanProcessor,
+};
 
 use crate::buffer::{BufferProcessor, TraceBuffer};
 use crate::config::{B3Encoding, Protocol, TracingConfig};
@@ -21,6 +24,7 @@ use crate::error::{Result, TracingError};
 use crate::export::{BatchOptions, BoundedBatchProcessor, ExportStats};
 use crate::ids::{self, IdGen, Ratio};
 use crate::propagation::Propagator;
+use crate::record::{Handle, Recorded, Sinks, Start};
 
 /// Creates spans for one service, samples them, and sends the sampled ones to the
 /// in-memory [`TraceBuffer`] and/or an OTLP collector.
@@ -42,6 +46,8 @@ struct Inner {
     ratio: Ratio,
     /// Every span through the SDK, as before the unsampled fast path (benchmarks).
     sdk_only: bool,
+    /// The provider's span processors, for sampled spans recorded by this crate.
+    sinks: Sinks,
 }
 
 impl fmt::Debug for DistributedTracer {
@@ -327,26 +333,34 @@ impl TracerBuilder {
             ])
             .build();
         let stats = ExportStats::default();
-        let mut provider = SdkTracerProvider::builder()
-            .with_sampler(Sampler::ParentBased(Box::new(Sampler::TraceIdRatioBased(
-                self.sampling_rate,
-            ))))
-            .with_id_generator(IdGen)
-            .with_resource(resource.clone());
+        let mut processors: Vec<Arc<dyn SpanProcessor>> = Vec::new();
         if let Some(buffer) = self.buffer {
-            provider = provider.with_span_processor(BufferProcessor {
+            processors.push(Arc::new(BufferProcessor {
                 buffer,
                 service: service.clone(),
-            });
+            }));
         }
         let exporting = self.exporter.is_some();
         if let Some(start) = self.exporter {
             let mut options = self.options;
             options.flush_timeout = self.export_timeout.max(Duration::from_millis(1));
-            provider = provider.with_span_processor(start(resource, options, stats.clone())?);
+            processors.push(Arc::new(start(resource.clone(), options, stats.clone())?));
+        }
+        // The provider (SDK spans: `tracing` spans, `sdk_only`) and the spans recorded
+        // here feed the same processors.
+        let scope = InstrumentationScope::builder(SCOPE).build();
+        let (sinks, shared) = Sinks::new(processors, scope.clone());
+        let mut provider = SdkTracerProvider::builder()
+            .with_sampler(Sampler::ParentBased(Box::new(Sampler::TraceIdRatioBased(
+                self.sampling_rate,
+            ))))
+            .with_id_generator(IdGen)
+            .with_resource(resource);
+        for processor in shared {
+            provider = provider.with_span_processor(processor);
         }
         let provider = provider.build();
-        let tracer = provider.tracer("trellis-tracing");
+        let tracer = provider.tracer_with_scope(scope);
         Ok(DistributedTracer {
             inner: Some(Arc::new(Inner {
                 provider,
@@ -356,6 +370,7 @@ impl TracerBuilder {
                 exporting,
                 ratio: Ratio::new(self.sampling_rate),
                 sdk_only: self.sdk_only,
+                sinks,
             })),
             propagator: Arc::new(Propagator::new(self.b3)),
         })
@@ -395,6 +410,9 @@ fn otlp_http(_endpoint: &str) -> Result<StartExport> {
     })
 }
 
+/// The instrumentation scope of this crate's spans.
+const SCOPE: &str = "trellis-tracing";
+
 /// Options for a span about to start; see [`DistributedTracer::span`].
 #[must_use = "call .start() to start the span"]
 pub struct SpanStart<'a> {
@@ -410,8 +428,9 @@ enum Parent {
     Current,
     /// A context (a span's, or one extracted from headers).
     Context(Context),
-    /// An unsampled span, without building its context.
-    Unsampled { sc: SpanContext, base: Context },
+    /// A span's ids and the context it started in (an unsampled or recorded span),
+    /// without building its context.
+    Ids { sc: SpanContext, base: Context },
 }
 
 impl fmt::Debug for SpanStart<'_> {
@@ -429,14 +448,18 @@ impl SpanStart<'_> {
     }
 
     /// Makes the span a child of `parent`; cheaper than
-    /// [`child_of`](Self::child_of)`(parent.context())` when the parent is not sampled.
+    /// [`child_of`](Self::child_of)`(parent.context())`: the parent's context is not built.
     pub fn child_of_span(mut self, parent: &Span) -> Self {
         self.parent = match &parent.kind {
-            SpanKind_::Unsampled { sc, base, .. } => Parent::Unsampled {
+            SpanKind_::Unsampled { sc, base, .. } => Parent::Ids {
                 sc: sc.clone(),
                 base: base.clone(),
             },
-            SpanKind_::Recording(cx) | SpanKind_::Disabled(cx) => Parent::Context(cx.clone()),
+            SpanKind_::Recorded { rec, .. } => Parent::Ids {
+                sc: rec.span_context().clone(),
+                base: rec.base().clone(),
+            },
+            SpanKind_::Sdk(cx) | SpanKind_::Disabled(cx) => Parent::Context(cx.clone()),
         };
         self
     }
@@ -480,9 +503,10 @@ impl SpanStart<'_> {
     /// Starts the span.
     ///
     /// The sampling decision is taken first: a span that is not sampled (a root the ratio
-    /// drops, or a child of an unsampled parent) is no SDK span at all, only its ids and
-    /// flags — enough to propagate `traceparent` with `sampled=0` and for its children to
-    /// follow the decision. Sampled spans are SDK spans.
+    /// drops, or a child of an unsampled parent) is only its ids and flags — enough to
+    /// propagate `traceparent` with `sampled=0` and for its children to follow the
+    /// decision. A sampled span records its data and hands it to the span processors (the
+    /// trace buffer, the OTLP exporter) when it ends, as an SDK span would.
     pub fn start(self) -> Span {
         self.start_with_tags(|_| {})
     }
@@ -491,43 +515,46 @@ impl SpanStart<'_> {
     /// recorded: an unsampled span allocates nothing for them, and a recorded one gets
     /// them with its start instead of a locked [`Span::set_tag`] each.
     pub fn start_with_tags(self, tags: impl FnOnce(&mut Vec<KeyValue>)) -> Span {
-        let (Some(inner), Some(builder)) = (&self.tracer.inner, self.builder) else {
+        let (Some(inner), Some(mut builder)) = (&self.tracer.inner, self.builder) else {
             return Span::disabled();
         };
-        let recording = |mut builder: SpanBuilder, parent: Context| {
-            // Room for the tags set later too (the SDK keeps this vector).
+        // Room for the tags set later too.
+        let add_tags = |builder: &mut SpanBuilder| {
             let attributes = builder.attributes.get_or_insert_with(Vec::new);
             attributes.reserve(RECORDED_TAGS);
             tags(attributes);
-            Span::recording(inner, builder, parent)
         };
         let parent = match self.parent {
-            Parent::Unsampled { sc, base } if !inner.sdk_only => {
-                return Span::unsampled(child_context(&sc), base);
+            Parent::Ids { sc, base } if !inner.sdk_only => {
+                if !sc.is_sampled() {
+                    return Span::unsampled(child_context(&sc), base);
+                }
+                add_tags(&mut builder);
+                return Span::recorded(inner, builder, &sc, sc.trace_id(), base);
             }
-            Parent::Unsampled { sc, base } => base.with_remote_span_context(sc),
+            Parent::Ids { sc, base } => base.with_remote_span_context(sc),
             Parent::Context(cx) => cx,
             Parent::Current => Context::current(),
         };
         if inner.sdk_only || parent.is_telemetry_suppressed() {
-            return recording(builder, parent);
+            add_tags(&mut builder);
+            return Span::sdk(inner, builder, parent);
         }
         let span = parent.span();
         let psc = span.span_context();
         if psc.is_valid() {
             if psc.is_sampled() {
-                return recording(builder, parent);
+                add_tags(&mut builder);
+                return Span::recorded(inner, builder, psc, psc.trace_id(), parent.clone());
             }
             // Parent-based: a child of an unsampled span is not sampled either.
             let sc = child_context(psc);
-            return Span::unsampled(sc, parent);
+            return Span::unsampled(sc, parent.clone());
         }
         let trace_id = ids::trace_id();
         if inner.ratio.keeps(trace_id) {
-            ids::hand_over(trace_id);
-            let span = recording(builder, parent);
-            ids::clear_hand_over();
-            return span;
+            add_tags(&mut builder);
+            return Span::recorded(inner, builder, psc, trace_id, parent.clone());
         }
         let sc = SpanContext::new(
             trace_id,
@@ -536,7 +563,7 @@ impl SpanStart<'_> {
             false,
             TraceState::NONE,
         );
-        Span::unsampled(sc, parent)
+        Span::unsampled(sc, parent.clone())
     }
 }
 
@@ -564,8 +591,15 @@ pub struct Span {
 enum SpanKind_ {
     /// From a disabled tracer: an empty context.
     Disabled(Context),
-    /// An SDK span (sampled, or every span with `sdk_only`), in its context.
-    Recording(Context),
+    /// An SDK span (every span with `sdk_only`, or under suppressed telemetry), in its
+    /// context.
+    Sdk(Context),
+    /// Sampled and recorded by this crate. `cx` (the parent's context with a [`Handle`]
+    /// to this span in it) is built on first use of [`Span::context`].
+    Recorded {
+        rec: Arc<Recorded>,
+        cx: OnceLock<Context>,
+    },
     /// Not sampled: ids and flags only. `cx` (the parent's context with this span context
     /// in it) is built on first use of [`Span::context`].
     Unsampled {
@@ -594,10 +628,31 @@ impl Span {
         }
     }
 
-    fn recording(inner: &Inner, builder: SpanBuilder, parent: Context) -> Span {
+    fn sdk(inner: &Inner, builder: SpanBuilder, parent: Context) -> Span {
         let span = inner.tracer.build_with_context(builder, &parent);
         Span {
-            kind: SpanKind_::Recording(parent.with_span(span)),
+            kind: SpanKind_::Sdk(parent.with_span(span)),
+        }
+    }
+
+    fn recorded(
+        inner: &Inner,
+        builder: SpanBuilder,
+        parent: &SpanContext,
+        trace_id: opentelemetry::trace::TraceId,
+        base: Context,
+    ) -> Span {
+        let start = Start {
+            builder,
+            parent,
+            base,
+            trace_id,
+        };
+        Span {
+            kind: SpanKind_::Recorded {
+                rec: Recorded::start(start, &inner.sinks),
+                cx: OnceLock::new(),
+            },
         }
     }
 
@@ -613,16 +668,18 @@ impl Span {
 
     fn with_span_context<T>(&self, f: impl FnOnce(&SpanContext) -> T) -> T {
         match &self.kind {
-            SpanKind_::Disabled(cx) | SpanKind_::Recording(cx) => f(cx.span().span_context()),
+            SpanKind_::Disabled(cx) | SpanKind_::Sdk(cx) => f(cx.span().span_context()),
+            SpanKind_::Recorded { rec, .. } => f(rec.span_context()),
             SpanKind_::Unsampled { sc, .. } => f(sc),
         }
     }
 
-    /// The SDK span's context, when this is one.
-    fn recorded(&self) -> Option<&Context> {
+    /// Where setters write: the SDK span or the recorded data; `None` for the others.
+    fn sink(&self) -> Option<Sink<'_>> {
         match &self.kind {
-            SpanKind_::Recording(cx) => Some(cx),
-            _ => None,
+            SpanKind_::Sdk(cx) => Some(Sink::Sdk(cx.span())),
+            SpanKind_::Recorded { rec, .. } => Some(Sink::Recorded(rec)),
+            SpanKind_::Disabled(_) | SpanKind_::Unsampled { .. } => None,
         }
     }
 
@@ -631,7 +688,8 @@ impl Span {
     pub(crate) fn with_parts<T>(&self, f: impl FnOnce(&SpanContext, &Context) -> T) -> T {
         match &self.kind {
             SpanKind_::Unsampled { sc, base, .. } => f(sc, base),
-            SpanKind_::Disabled(cx) | SpanKind_::Recording(cx) => f(cx.span().span_context(), cx),
+            SpanKind_::Recorded { rec, .. } => f(rec.span_context(), rec.base()),
+            SpanKind_::Disabled(cx) | SpanKind_::Sdk(cx) => f(cx.span().span_context(), cx),
         }
     }
 
@@ -639,7 +697,10 @@ impl Span {
     /// outgoing headers.
     pub fn context(&self) -> &Context {
         match &self.kind {
-            SpanKind_::Disabled(cx) | SpanKind_::Recording(cx) => cx,
+            SpanKind_::Disabled(cx) | SpanKind_::Sdk(cx) => cx,
+            SpanKind_::Recorded { rec, cx } => {
+                cx.get_or_init(|| rec.base().with_span(Handle(rec.clone())))
+            }
             SpanKind_::Unsampled { sc, base, cx } => {
                 cx.get_or_init(|| base.with_remote_span_context(sc.clone()))
             }
@@ -663,34 +724,42 @@ impl Span {
 
     /// Whether the span will be exported.
     pub fn is_sampled(&self) -> bool {
-        self.recorded()
-            .is_some_and(|cx| cx.span().span_context().is_sampled())
+        match &self.kind {
+            SpanKind_::Sdk(cx) => cx.span().span_context().is_sampled(),
+            SpanKind_::Recorded { .. } => true,
+            SpanKind_::Disabled(_) | SpanKind_::Unsampled { .. } => false,
+        }
     }
 
     /// Whether setters record anything (sampled and not finished).
     pub fn is_recording(&self) -> bool {
-        self.recorded().is_some_and(|cx| cx.span().is_recording())
+        self.sink().is_some_and(|sink| sink.is_recording())
     }
 
     /// Sets a tag — the seed's `setTag`.
     pub fn set_tag(&self, key: impl Into<Key>, value: impl Into<Value>) {
-        if let Some(cx) = self.recorded() {
-            cx.span().set_attribute(KeyValue::new(key, value));
+        match self.sink() {
+            Some(Sink::Sdk(span)) => span.set_attribute(KeyValue::new(key, value)),
+            Some(Sink::Recorded(rec)) => rec.set_attribute(KeyValue::new(key, value)),
+            None => {}
         }
     }
 
     /// Renames the span (for example once the route is known).
     pub fn set_name(&self, name: impl Into<Cow<'static, str>>) {
-        if let Some(cx) = self.recorded() {
-            cx.span().update_name(name.into());
+        match self.sink() {
+            Some(Sink::Sdk(span)) => span.update_name(name.into()),
+            Some(Sink::Recorded(rec)) => {
+                let name = name.into();
+                rec.with_data(|data| data.name = name);
+            }
+            None => {}
         }
     }
 
     /// Adds a log line — the seed's `log`.
     pub fn log(&self, message: impl Into<Cow<'static, str>>) {
-        if let Some(cx) = self.recorded() {
-            cx.span().add_event(message, Vec::new());
-        }
+        self.add_event(message.into(), Vec::new());
     }
 
     /// Adds a log with fields — the seed's `log({ error: … })`.
@@ -699,47 +768,65 @@ impl Span {
         name: impl Into<Cow<'static, str>>,
         fields: impl IntoIterator<Item = (&'static str, Value)>,
     ) {
-        if let Some(cx) = self.recorded()
-            && self.is_recording()
-        {
+        if self.is_recording() {
             let fields = fields
                 .into_iter()
                 .map(|(k, v)| KeyValue::new(k, v))
                 .collect();
-            cx.span().add_event(name, fields);
+            self.add_event(name.into(), fields);
+        }
+    }
+
+    fn add_event(&self, name: Cow<'static, str>, fields: Vec<KeyValue>) {
+        match self.sink() {
+            Some(Sink::Sdk(span)) => span.add_event(name, fields),
+            Some(Sink::Recorded(rec)) => {
+                rec.add_event(name, opentelemetry::time::now(), fields);
+            }
+            None => {}
         }
     }
 
     /// Marks the span failed: tag `error=true`, an `exception` log with the message, and
     /// an error status — the seed's `setTag('error', true); log({ error })`.
     pub fn set_error(&self, message: impl fmt::Display) {
-        if let Some(cx) = self.recorded()
-            && self.is_recording()
-        {
-            let message = message.to_string();
-            let span = cx.span();
-            span.set_attribute(KeyValue::new("error", true));
-            span.add_event(
-                "exception",
-                vec![KeyValue::new("exception.message", message.clone())],
-            );
-            span.set_status(Status::error(message));
+        let Some(sink) = self.sink().filter(Sink::is_recording) else {
+            return;
+        };
+        let message = message.to_string();
+        let event = vec![KeyValue::new("exception.message", message.clone())];
+        match sink {
+            Sink::Sdk(span) => {
+                span.set_attribute(KeyValue::new("error", true));
+                span.add_event("exception", event);
+                span.set_status(Status::error(message));
+            }
+            Sink::Recorded(rec) => {
+                rec.set_attribute(KeyValue::new("error", true));
+                rec.add_event("exception".into(), opentelemetry::time::now(), event);
+                rec.set_status(Status::error(message));
+            }
         }
     }
 
     /// Marks the span successful (overrides an earlier error status).
     pub fn set_ok(&self) {
-        if let Some(cx) = self.recorded() {
-            cx.span().set_status(Status::Ok);
+        match self.sink() {
+            Some(Sink::Sdk(span)) => span.set_status(Status::Ok),
+            Some(Sink::Recorded(rec)) => rec.set_status(Status::Ok),
+            None => {}
         }
     }
 
     /// Links this span to another one.
     pub fn add_link(&self, span_context: SpanContext) {
-        if let Some(cx) = self.recorded()
-            && span_context.is_valid()
-        {
-            cx.span().add_link(span_context, Vec::new());
+        if !span_context.is_valid() {
+            return;
+        }
+        match self.sink() {
+            Some(Sink::Sdk(span)) => span.add_link(span_context, Vec::new()),
+            Some(Sink::Recorded(rec)) => rec.add_link(span_context, Vec::new()),
+            None => {}
         }
     }
 
@@ -762,8 +849,25 @@ impl Span {
 
 impl Drop for Span {
     fn drop(&mut self) {
-        if let Some(cx) = self.recorded() {
-            cx.span().end();
+        match &self.kind {
+            SpanKind_::Sdk(cx) => cx.span().end(),
+            SpanKind_::Recorded { rec, .. } => rec.end(None),
+            SpanKind_::Disabled(_) | SpanKind_::Unsampled { .. } => {}
+        }
+    }
+}
+
+/// What a span's setters write to.
+enum Sink<'a> {
+    Sdk(opentelemetry::trace::SpanRef<'a>),
+    Recorded(&'a Recorded),
+}
+
+impl Sink<'_> {
+    fn is_recording(&self) -> bool {
+        match self {
+            Sink::Sdk(span) => span.is_recording(),
+            Sink::Recorded(rec) => rec.is_recording(),
         }
     }
 }
@@ -841,7 +945,7 @@ mod tests {
     }
 
     #[test]
-    fn kept_roots_are_sdk_spans_with_the_trace_id_the_decision_was_made_on() {
+    fn kept_roots_are_recorded_with_the_trace_id_the_decision_was_made_on() {
         let buffer = TraceBuffer::new(100_000);
         let tracer = DistributedTracer::builder("svc")
             .sampling_rate(0.5)
@@ -853,7 +957,7 @@ mod tests {
         for _ in 0..2_000 {
             let span = tracer.start_span("root");
             let sc = span.span_context();
-            // The SDK sampled exactly the roots the ratio keeps, on the same id.
+            // Exactly the roots the ratio keeps are recorded, on the id it judged.
             assert_eq!(sc.is_sampled(), ratio.keeps(sc.trace_id()));
             assert_eq!(span.is_recording(), sc.is_sampled());
             if sc.is_sampled() {

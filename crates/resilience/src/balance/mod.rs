@@ -158,6 +158,11 @@ impl<T> Endpoint<T> {
         &self.id
     }
 
+    /// The id, shared (for a value that outlives the pick, such as a span tag).
+    pub fn shared_id(&self) -> &Arc<str> {
+        &self.id
+    }
+
     /// The caller's value (an address).
     pub fn value(&self) -> &T {
         &self.value
