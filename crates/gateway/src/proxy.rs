@@ -729,7 +729,13 @@ async fn forward(
                 remove_trace_headers(&mut upstream_parts.headers);
                 // The URL is a tag: formatted only for a recorded trace.
                 let url = if server.is_recording() {
-                    format!("http://{}{}", picked.value().authority, path_and_query)
+                    let authority = picked.value().authority.as_str();
+                    let target = path_and_query.as_str();
+                    let mut url = String::with_capacity(7 + authority.len() + target.len());
+                    url.push_str("http://");
+                    url.push_str(authority);
+                    url.push_str(target);
+                    url
                 } else {
                     String::new()
                 };
