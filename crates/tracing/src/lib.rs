@@ -32,22 +32,27 @@
 //! the helpers above. OTLP over gRPC is not built in yet (configuring it is an error).
 //!
 //! Costs (`benches/spans.rs`, release build, shared 2-core machine under load, so upper
-//! bounds; "SDK path" is the same tracer with every span an OpenTelemetry SDK span, as
-//! before the fast path, measured in the same run; two runs): one span with one tag —
-//! unsampled 27 ns (SDK path 160–470 ns), sampled 0.6–1.3 µs into the export queue or the
-//! buffer alone and 1.1–2.3 µs into both. A gateway request's server + client span with
-//! its headers written, no incoming trace headers: 0.19–0.58 µs at rate 0 (SDK path
-//! 1.3–2.1 µs), 0.4–1.2 µs on average at rate 0.1 (SDK path 1.7–2.6 µs); with an unsampled
-//! `traceparent` coming in 0.66–1.3 µs (SDK path 2.0–3.1 µs). Deterministically
-//! (callgrind, user-space instructions per request of a whole `trellis up` node proxying
-//! to nginx): tracing off 55.1k, rate 0 57.8k (+4.9%; SDK path +35%), rate 0.1 59.3k
-//! (+7.5%; SDK path +36%), rate 1.0 72.8k (+32%; SDK path +53%).
+//! bounds; "SDK path" is the same tracer with every span an OpenTelemetry SDK span,
+//! measured in the same run): one span with one tag — unsampled 27 ns (SDK path 176 ns),
+//! sampled 0.5 µs into the buffer, 0.6 µs into the export queue, 1.4 µs into both. A
+//! gateway request's server + client span with its headers written, no incoming trace
+//! headers: 183 ns at rate 0 (SDK path 1.2 µs), 349 ns on average at rate 0.1 (SDK path
+//! 1.5 µs). Callgrind, user-space instructions per request of a whole `trellis up` node
+//! proxying to nginx: tracing off 44.6k, rate 0 46.6k (the build before recorded spans;
+//! the unsampled path is the same), rate 0.1 47.8k, rate 1.0 57.9k. At
+//! rate 0.1 the sampled requests cost several times what their instructions cost at 1.0:
+//! their code and the trace buffer's memory are cold (see the README's performance
+//! section).
 //!
-//! Why unsampled spans are cheap: the sampling decision comes first. A root the ratio
-//! drops, or a child of an unsampled parent, is no SDK span — only its ids (from a
+//! Why spans are cheap: the sampling decision comes first. A root the ratio drops, or a
+//! child of an unsampled parent, is no OpenTelemetry span — only its ids (from a
 //! per-thread wyrand generator) and flags, enough to write `traceparent` with `sampled=0`
-//! and for its children to follow; its OpenTelemetry context is built only if asked for
-//! ([`Span::context`]). Headers are written from stack buffers under pre-parsed names.
+//! and for its children to follow; its context is built only if asked for
+//! ([`Span::context`]). A sampled span is recorded by this crate, not by the SDK's span:
+//! its `SpanData` from the start, handed to the span processors (buffer, OTLP queue) when
+//! it ends; its context, built on demand, holds a handle that records into the same data.
+//! Spans of the `tracing-opentelemetry` layer go through the SDK to the same processors.
+//! Headers are written from stack buffers under pre-parsed names.
 //!
 //! ```
 //! use trellis_tracing::{DistributedTracer, TraceBuffer};
