@@ -242,6 +242,10 @@ impl Recorded {
         self.with_data(|data| add_event(data, name, time, attributes));
     }
 
+    pub(crate) fn update_name(&self, name: Cow<'static, str>) {
+        self.with_data(|data| data.name = name);
+    }
+
     pub(crate) fn set_status(&self, status: Status) {
         self.with_data(|data| set_status(data, status));
     }
@@ -346,8 +350,7 @@ impl opentelemetry::trace::Span for Handle {
     where
         T: Into<Cow<'static, str>>,
     {
-        let name = new_name.into();
-        self.0.with_data(|data| data.name = name);
+        self.0.update_name(new_name.into());
     }
 
     fn add_link(&mut self, span_context: SpanContext, attributes: Vec<KeyValue>) {

@@ -738,28 +738,23 @@ impl Span {
 
     /// Sets a tag — the seed's `setTag`.
     pub fn set_tag(&self, key: impl Into<Key>, value: impl Into<Value>) {
-        match self.sink() {
-            Some(Sink::Sdk(span)) => span.set_attribute(KeyValue::new(key, value)),
-            Some(Sink::Recorded(rec)) => rec.set_attribute(KeyValue::new(key, value)),
-            None => {}
+        if let Some(sink) = self.sink() {
+            sink.set_attribute(KeyValue::new(key, value));
         }
     }
 
     /// Renames the span (for example once the route is known).
     pub fn set_name(&self, name: impl Into<Cow<'static, str>>) {
-        match self.sink() {
-            Some(Sink::Sdk(span)) => span.update_name(name.into()),
-            Some(Sink::Recorded(rec)) => {
-                let name = name.into();
-                rec.with_data(|data| data.name = name);
-            }
-            None => {}
+        if let Some(sink) = self.sink() {
+            sink.update_name(name.into());
         }
     }
 
     /// Adds a log line — the seed's `log`.
     pub fn log(&self, message: impl Into<Cow<'static, str>>) {
-        self.add_event(message.into(), Vec::new());
+        if let Some(sink) = self.sink() {
+            sink.add_event(message.into(), Vec::new());
+        }
     }
 
     /// Adds a log with fields — the seed's `log({ error: … })`.
@@ -768,22 +763,12 @@ impl Span {
         name: impl Into<Cow<'static, str>>,
         fields: impl IntoIterator<Item = (&'static str, Value)>,
     ) {
-        if self.is_recording() {
+        if let Some(sink) = self.sink().filter(Sink::is_recording) {
             let fields = fields
                 .into_iter()
                 .map(|(k, v)| KeyValue::new(k, v))
                 .collect();
-            self.add_event(name.into(), fields);
-        }
-    }
-
-    fn add_event(&self, name: Cow<'static, str>, fields: Vec<KeyValue>) {
-        match self.sink() {
-            Some(Sink::Sdk(span)) => span.add_event(name, fields),
-            Some(Sink::Recorded(rec)) => {
-                rec.add_event(name, opentelemetry::time::now(), fields);
-            }
-            None => {}
+            sink.add_event(name.into(), fields);
         }
     }
 
@@ -794,39 +779,27 @@ impl Span {
             return;
         };
         let message = message.to_string();
-        let event = vec![KeyValue::new("exception.message", message.clone())];
-        match sink {
-            Sink::Sdk(span) => {
-                span.set_attribute(KeyValue::new("error", true));
-                span.add_event("exception", event);
-                span.set_status(Status::error(message));
-            }
-            Sink::Recorded(rec) => {
-                rec.set_attribute(KeyValue::new("error", true));
-                rec.add_event("exception".into(), opentelemetry::time::now(), event);
-                rec.set_status(Status::error(message));
-            }
-        }
+        sink.set_attribute(KeyValue::new("error", true));
+        sink.add_event(
+            "exception".into(),
+            vec![KeyValue::new("exception.message", message.clone())],
+        );
+        sink.set_status(Status::error(message));
     }
 
     /// Marks the span successful (overrides an earlier error status).
     pub fn set_ok(&self) {
-        match self.sink() {
-            Some(Sink::Sdk(span)) => span.set_status(Status::Ok),
-            Some(Sink::Recorded(rec)) => rec.set_status(Status::Ok),
-            None => {}
+        if let Some(sink) = self.sink() {
+            sink.set_status(Status::Ok);
         }
     }
 
     /// Links this span to another one.
     pub fn add_link(&self, span_context: SpanContext) {
-        if !span_context.is_valid() {
-            return;
-        }
-        match self.sink() {
-            Some(Sink::Sdk(span)) => span.add_link(span_context, Vec::new()),
-            Some(Sink::Recorded(rec)) => rec.add_link(span_context, Vec::new()),
-            None => {}
+        if let Some(sink) = self.sink()
+            && span_context.is_valid()
+        {
+            sink.add_link(span_context);
         }
     }
 
@@ -868,6 +841,41 @@ impl Sink<'_> {
         match self {
             Sink::Sdk(span) => span.is_recording(),
             Sink::Recorded(rec) => rec.is_recording(),
+        }
+    }
+
+    fn set_attribute(&self, attribute: KeyValue) {
+        match self {
+            Sink::Sdk(span) => span.set_attribute(attribute),
+            Sink::Recorded(rec) => rec.set_attribute(attribute),
+        }
+    }
+
+    fn update_name(&self, name: Cow<'static, str>) {
+        match self {
+            Sink::Sdk(span) => span.update_name(name),
+            Sink::Recorded(rec) => rec.update_name(name),
+        }
+    }
+
+    fn add_event(&self, name: Cow<'static, str>, fields: Vec<KeyValue>) {
+        match self {
+            Sink::Sdk(span) => span.add_event(name, fields),
+            Sink::Recorded(rec) => rec.add_event(name, opentelemetry::time::now(), fields),
+        }
+    }
+
+    fn set_status(&self, status: Status) {
+        match self {
+            Sink::Sdk(span) => span.set_status(status),
+            Sink::Recorded(rec) => rec.set_status(status),
+        }
+    }
+
+    fn add_link(&self, span_context: SpanContext) {
+        match self {
+            Sink::Sdk(span) => span.add_link(span_context, Vec::new()),
+            Sink::Recorded(rec) => rec.add_link(span_context, Vec::new()),
         }
     }
 }
