@@ -6,7 +6,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use opentelemetry::trace::{SpanId, SpanKind, Status, TraceId};
-use opentelemetry::{Context, Value};
+use opentelemetry::{Context, KeyValue, Value};
 use opentelemetry_sdk::error::OTelSdkResult;
 use opentelemetry_sdk::trace::{Span, SpanData, SpanProcessor};
 use serde::Serialize;
@@ -29,10 +29,23 @@ struct Inner {
     traces: HashMap<TraceId, VecDeque<Stored>>,
 }
 
+/// One held span. The parts the trace list needs are plain fields; the name, tags, logs,
+/// links and error message — read only for a waterfall view or a service filter — are
+/// encoded into one block ([`Packed`]). Filing a span therefore makes one allocation and
+/// frees the `SpanData`'s many (its tag list, owned tag strings, name) at once, while they
+/// are still in cache, instead of keeping them until the span is evicted tens of thousands
+/// of requests later; evicting frees one block.
 #[derive(Debug)]
 struct Stored {
     service: Arc<str>,
-    data: SpanData,
+    span_id: SpanId,
+    parent_span_id: SpanId,
+    start_time: SystemTime,
+    end_time: SystemTime,
+    kind: SpanKind,
+    /// `unset`, `ok` or `error`.
+    status: &'static str,
+    packed: Packed,
 }
 
 /// Span tags naming the service a request was routed to or called: a trace through the
@@ -40,14 +53,232 @@ struct Stored {
 const SERVICE_TAGS: [&str; 2] = ["trellis.service", "peer.service"];
 
 impl Stored {
+    fn new(service: Arc<str>, data: SpanData) -> Self {
+        Stored {
+            service,
+            span_id: data.span_context.span_id(),
+            parent_span_id: data.parent_span_id,
+            start_time: data.start_time,
+            end_time: data.end_time,
+            kind: data.span_kind.clone(),
+            status: match data.status {
+                Status::Unset => "unset",
+                Status::Ok => "ok",
+                Status::Error { .. } => "error",
+            },
+            packed: Packed::new(&data),
+        }
+    }
+
     /// True when the span was recorded by `service` or routed to / called it.
     fn touches(&self, service: &str) -> bool {
         &*self.service == service
-            || self
-                .data
-                .attributes
+            || self.packed.unpack().attributes.iter().any(|(key, value)| {
+                SERVICE_TAGS.contains(key) && matches!(value, Tag::Str(s) if *s == service)
+            })
+    }
+}
+
+/// A span's name, tags, logs, links and error message in one allocation.
+///
+/// Layout, integers little-endian, strings as a `u32` byte length and UTF-8 bytes: name;
+/// error message; tags (`u32` count, then key and tagged value each); logs (`u32` count,
+/// then name, time as `u64` seconds and `u32` nanoseconds since the Unix epoch, and tags);
+/// links (`u32` count, then 16 bytes of trace id and 8 of span id). A tag value is one byte
+/// of type (0 bool, 1 integer, 2 float, 3 text) and a byte, eight bytes or a string.
+/// Values of other types (arrays) are kept as their text.
+#[derive(Debug)]
+struct Packed(Box<[u8]>);
+
+/// A tag value read back from a [`Packed`] block.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Tag<'a> {
+    Bool(bool),
+    I64(i64),
+    F64(f64),
+    Str(&'a str),
+}
+
+/// Tags read back: key and value.
+type Tags<'a> = Vec<(&'a str, Tag<'a>)>;
+
+/// The contents of a [`Packed`] block, borrowing its text.
+#[derive(Debug, Default, PartialEq)]
+struct Unpacked<'a> {
+    name: &'a str,
+    message: &'a str,
+    attributes: Tags<'a>,
+    /// Name, time and tags of each log.
+    events: Vec<(&'a str, SystemTime, Tags<'a>)>,
+    links: Vec<(TraceId, SpanId)>,
+}
+
+impl Packed {
+    fn new(data: &SpanData) -> Self {
+        let message = match &data.status {
+            Status::Error { description } => description.as_ref(),
+            _ => "",
+        };
+        let size = 4
+            + data.name.len()
+            + 4
+            + message.len()
+            + tags_size(&data.attributes)
+            + 4
+            + data
+                .events
                 .iter()
-                .any(|kv| SERVICE_TAGS.contains(&kv.key.as_str()) && kv.value.as_str() == service)
+                .map(|e| 4 + e.name.len() + 12 + tags_size(&e.attributes))
+                .sum::<usize>()
+            + 4
+            + data.links.len() * 24;
+        let mut out = Vec::with_capacity(size);
+        put_str(&mut out, &data.name);
+        put_str(&mut out, message);
+        put_tags(&mut out, &data.attributes);
+        put_len(&mut out, data.events.len());
+        for event in data.events.iter() {
+            put_str(&mut out, &event.name);
+            let since = event
+                .timestamp
+                .duration_since(UNIX_EPOCH)
+                .unwrap_or(Duration::ZERO);
+            out.extend_from_slice(&since.as_secs().to_le_bytes());
+            out.extend_from_slice(&since.subsec_nanos().to_le_bytes());
+            put_tags(&mut out, &event.attributes);
+        }
+        put_len(&mut out, data.links.len());
+        for link in data.links.iter() {
+            out.extend_from_slice(&link.span_context.trace_id().to_bytes());
+            out.extend_from_slice(&link.span_context.span_id().to_bytes());
+        }
+        Packed(out.into_boxed_slice())
+    }
+
+    /// Reads the block back. A block this module wrote always reads whole; were one
+    /// truncated, what precedes the damage is returned.
+    fn unpack(&self) -> Unpacked<'_> {
+        let mut out = Unpacked::default();
+        let _complete = out.read(&mut Reader(&self.0));
+        out
+    }
+}
+
+impl<'a> Unpacked<'a> {
+    fn read(&mut self, r: &mut Reader<'a>) -> Option<()> {
+        self.name = r.str()?;
+        self.message = r.str()?;
+        r.tags(&mut self.attributes)?;
+        for _ in 0..r.u32()? {
+            let name = r.str()?;
+            let secs = u64::from_le_bytes(r.array()?);
+            let nanos = u32::from_le_bytes(r.array()?);
+            let at = UNIX_EPOCH + Duration::new(secs, nanos);
+            let mut tags = Vec::new();
+            r.tags(&mut tags)?;
+            self.events.push((name, at, tags));
+        }
+        for _ in 0..r.u32()? {
+            let trace_id = TraceId::from_bytes(r.array()?);
+            let span_id = SpanId::from_bytes(r.array()?);
+            self.links.push((trace_id, span_id));
+        }
+        Some(())
+    }
+}
+
+fn tags_size(tags: &[KeyValue]) -> usize {
+    4 + tags
+        .iter()
+        .map(|kv| {
+            4 + kv.key.as_str().len()
+                + 1
+                + match &kv.value {
+                    Value::Bool(_) => 1,
+                    Value::I64(_) | Value::F64(_) => 8,
+                    Value::String(s) => 4 + s.as_str().len(),
+                    // Arrays: their text, measured when written.
+                    _ => 4,
+                }
+        })
+        .sum::<usize>()
+}
+
+fn put_len(out: &mut Vec<u8>, len: usize) {
+    out.extend_from_slice(&u32::try_from(len).unwrap_or(u32::MAX).to_le_bytes());
+}
+
+fn put_str(out: &mut Vec<u8>, s: &str) {
+    // Text beyond 4 GiB is cut at a character boundary (never reached: tags are small).
+    let mut end = s.len().min(u32::MAX as usize);
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    put_len(out, end);
+    out.extend_from_slice(&s.as_bytes()[..end]);
+}
+
+fn put_tags(out: &mut Vec<u8>, tags: &[KeyValue]) {
+    put_len(out, tags.len());
+    for kv in tags {
+        put_str(out, kv.key.as_str());
+        match &kv.value {
+            Value::Bool(b) => out.extend_from_slice(&[0, u8::from(*b)]),
+            Value::I64(i) => {
+                out.push(1);
+                out.extend_from_slice(&i.to_le_bytes());
+            }
+            Value::F64(f) => {
+                out.push(2);
+                out.extend_from_slice(&f.to_le_bytes());
+            }
+            Value::String(s) => {
+                out.push(3);
+                put_str(out, s.as_str());
+            }
+            other => {
+                out.push(3);
+                put_str(out, &other.to_string());
+            }
+        }
+    }
+}
+
+/// A cursor over a [`Packed`] block.
+struct Reader<'a>(&'a [u8]);
+
+impl<'a> Reader<'a> {
+    fn bytes(&mut self, n: usize) -> Option<&'a [u8]> {
+        let (head, rest) = self.0.split_at_checked(n)?;
+        self.0 = rest;
+        Some(head)
+    }
+
+    fn array<const N: usize>(&mut self) -> Option<[u8; N]> {
+        self.bytes(N)?.try_into().ok()
+    }
+
+    fn u32(&mut self) -> Option<u32> {
+        Some(u32::from_le_bytes(self.array()?))
+    }
+
+    fn str(&mut self) -> Option<&'a str> {
+        let len = usize::try_from(self.u32()?).ok()?;
+        std::str::from_utf8(self.bytes(len)?).ok()
+    }
+
+    fn tags(&mut self, into: &mut Tags<'a>) -> Option<()> {
+        for _ in 0..self.u32()? {
+            let key = self.str()?;
+            let value = match self.array::<1>()?[0] {
+                0 => Tag::Bool(self.array::<1>()?[0] != 0),
+                1 => Tag::I64(i64::from_le_bytes(self.array()?)),
+                2 => Tag::F64(f64::from_le_bytes(self.array()?)),
+                _ => Tag::Str(self.str()?),
+            };
+            into.push((key, value));
+        }
+        Some(())
     }
 }
 
@@ -102,12 +333,12 @@ impl Inner {
         let trace_id = data.span_context.trace_id();
         let inner = self;
         match inner.traces.get_mut(&trace_id) {
-            Some(spans) => spans.push_back(Stored { service, data }),
+            Some(spans) => spans.push_back(Stored::new(service, data)),
             None => {
                 // Room for a server span and its client span (a gateway's trace) without
                 // growing.
                 let mut spans = VecDeque::with_capacity(2);
-                spans.push_back(Stored { service, data });
+                spans.push_back(Stored::new(service, data));
                 inner.traces.insert(trace_id, spans);
                 inner.order.push_back(trace_id);
             }
@@ -139,10 +370,10 @@ impl TraceBuffer {
             .order
             .iter()
             .rev()
-            .filter_map(|id| inner.traces.get(id))
-            .filter(|spans| service.is_none_or(|s| spans.iter().any(|sp| sp.touches(s))))
+            .filter_map(|id| inner.traces.get(id).map(|spans| (id, spans)))
+            .filter(|(_, spans)| service.is_none_or(|s| spans.iter().any(|sp| sp.touches(s))))
             .take(limit)
-            .map(summary)
+            .map(|(id, spans)| summary(*id, spans))
             .collect()
     }
 
@@ -285,10 +516,10 @@ fn micros_between(from: SystemTime, to: SystemTime) -> u64 {
 fn bounds(spans: &VecDeque<Stored>) -> (SystemTime, SystemTime) {
     let start = spans
         .iter()
-        .map(|s| s.data.start_time)
+        .map(|s| s.start_time)
         .min()
         .unwrap_or(UNIX_EPOCH);
-    let end = spans.iter().map(|s| s.data.end_time).max().unwrap_or(start);
+    let end = spans.iter().map(|s| s.end_time).max().unwrap_or(start);
     (start, end)
 }
 
@@ -297,51 +528,42 @@ fn services(spans: &VecDeque<Stored>) -> Vec<String> {
     set.into_iter().map(str::to_owned).collect()
 }
 
-fn summary(spans: &VecDeque<Stored>) -> TraceSummary {
-    let held: std::collections::HashSet<SpanId> = spans
-        .iter()
-        .map(|s| s.data.span_context.span_id())
-        .collect();
+fn summary(trace_id: TraceId, spans: &VecDeque<Stored>) -> TraceSummary {
+    let held: std::collections::HashSet<SpanId> = spans.iter().map(|s| s.span_id).collect();
     let root = spans
         .iter()
-        .filter(|s| !held.contains(&s.data.parent_span_id))
-        .min_by_key(|s| s.data.start_time);
+        .filter(|s| !held.contains(&s.parent_span_id))
+        .min_by_key(|s| s.start_time);
     let (start, end) = bounds(spans);
     TraceSummary {
-        trace_id: spans
-            .front()
-            .map(|s| s.data.span_context.trace_id().to_string())
+        trace_id: trace_id.to_string(),
+        root_name: root
+            .map(|s| s.packed.unpack().name.to_owned())
             .unwrap_or_default(),
-        root_name: root.map(|s| s.data.name.to_string()).unwrap_or_default(),
         root_service: root.map(|s| s.service.to_string()).unwrap_or_default(),
         services: services(spans),
         span_count: spans.len(),
         start_unix_us: unix_us(start),
         duration_us: micros_between(start, end),
-        error: spans
-            .iter()
-            .any(|s| matches!(s.data.status, Status::Error { .. })),
+        error: spans.iter().any(|s| s.status == "error"),
     }
 }
 
-fn json_value(value: &Value) -> serde_json::Value {
+fn json_value(value: Tag<'_>) -> serde_json::Value {
     match value {
-        Value::Bool(b) => serde_json::Value::Bool(*b),
-        Value::I64(i) => serde_json::Value::from(*i),
-        Value::F64(f) => serde_json::Number::from_f64(*f).map_or_else(
+        Tag::Bool(b) => serde_json::Value::Bool(b),
+        Tag::I64(i) => serde_json::Value::from(i),
+        Tag::F64(f) => serde_json::Number::from_f64(f).map_or_else(
             || serde_json::Value::String(f.to_string()),
             serde_json::Value::Number,
         ),
-        Value::String(s) => serde_json::Value::String(s.to_string()),
-        other => serde_json::Value::String(other.to_string()),
+        Tag::Str(s) => serde_json::Value::String(s.to_owned()),
     }
 }
 
-fn attributes<'a>(
-    kvs: impl IntoIterator<Item = &'a opentelemetry::KeyValue>,
-) -> BTreeMap<String, serde_json::Value> {
-    kvs.into_iter()
-        .map(|kv| (kv.key.to_string(), json_value(&kv.value)))
+fn attributes(tags: &[(&str, Tag<'_>)]) -> BTreeMap<String, serde_json::Value> {
+    tags.iter()
+        .map(|(key, value)| ((*key).to_owned(), json_value(*value)))
         .collect()
 }
 
@@ -360,7 +582,7 @@ fn view(trace_id: TraceId, spans: &VecDeque<Stored>) -> TraceView {
     let all_services = services(spans);
     let parents: HashMap<SpanId, SpanId> = spans
         .iter()
-        .map(|s| (s.data.span_context.span_id(), s.data.parent_span_id))
+        .map(|s| (s.span_id, s.parent_span_id))
         .collect();
     let depth = |mut id: SpanId| {
         let mut depth = 0;
@@ -374,52 +596,42 @@ fn view(trace_id: TraceId, spans: &VecDeque<Stored>) -> TraceView {
         depth
     };
     let mut ordered: Vec<&Stored> = spans.iter().collect();
-    ordered.sort_by_key(|s| s.data.start_time);
+    ordered.sort_by_key(|s| s.start_time);
     let spans: Vec<SpanView> = ordered
         .into_iter()
         .map(|s| {
-            let d = &s.data;
-            let parent = (d.parent_span_id != SpanId::INVALID).then_some(d.parent_span_id);
+            let d = s.packed.unpack();
+            let parent = (s.parent_span_id != SpanId::INVALID).then_some(s.parent_span_id);
             SpanView {
-                span_id: d.span_context.span_id().to_string(),
+                span_id: s.span_id.to_string(),
                 parent_span_id: parent.map(|p| p.to_string()),
                 parent_in_trace: parent.is_some_and(|p| parents.contains_key(&p)),
-                depth: depth(d.span_context.span_id()),
+                depth: depth(s.span_id),
                 service: s.service.to_string(),
-                name: d.name.to_string(),
-                kind: kind_name(&d.span_kind),
-                start_offset_us: micros_between(start, d.start_time),
-                duration_us: micros_between(d.start_time, d.end_time),
+                name: d.name.to_owned(),
+                kind: kind_name(&s.kind),
+                start_offset_us: micros_between(start, s.start_time),
+                duration_us: micros_between(s.start_time, s.end_time),
                 attributes: attributes(&d.attributes),
                 events: d
                     .events
                     .iter()
-                    .map(|e| EventView {
-                        name: e.name.to_string(),
-                        offset_us: micros_between(start, e.timestamp),
-                        attributes: attributes(&e.attributes),
+                    .map(|(name, at, tags)| EventView {
+                        name: (*name).to_owned(),
+                        offset_us: micros_between(start, *at),
+                        attributes: attributes(tags),
                     })
                     .collect(),
-                status: match &d.status {
-                    Status::Unset => StatusView {
-                        code: "unset",
-                        message: None,
-                    },
-                    Status::Ok => StatusView {
-                        code: "ok",
-                        message: None,
-                    },
-                    Status::Error { description } => StatusView {
-                        code: "error",
-                        message: (!description.is_empty()).then(|| description.to_string()),
-                    },
+                status: StatusView {
+                    code: s.status,
+                    message: (!d.message.is_empty()).then(|| d.message.to_owned()),
                 },
                 links: d
                     .links
                     .iter()
-                    .map(|l| LinkView {
-                        trace_id: l.span_context.trace_id().to_string(),
-                        span_id: l.span_context.span_id().to_string(),
+                    .map(|(trace_id, span_id)| LinkView {
+                        trace_id: trace_id.to_string(),
+                        span_id: span_id.to_string(),
                     })
                     .collect(),
             }
@@ -463,7 +675,112 @@ impl SpanProcessor for BufferProcessor {
 mod tests {
     #![allow(clippy::unwrap_used)]
 
+    use opentelemetry::trace::{SpanContext, SpanId, TraceFlags, TraceId};
+    use opentelemetry::{Array, Value};
+    use serde_json::json;
+
+    use super::Packed;
     use crate::{DistributedTracer, TraceBuffer};
+
+    #[test]
+    fn a_held_span_reads_back_every_part_of_its_view() {
+        let buffer = TraceBuffer::new(100);
+        let tracer = DistributedTracer::builder("svc")
+            .buffer(buffer.clone())
+            .build()
+            .unwrap();
+        let linked = SpanContext::new(
+            TraceId::from(7u128),
+            SpanId::from(8u64),
+            TraceFlags::SAMPLED,
+            true,
+            Default::default(),
+        );
+        let span = tracer.span("naïve ✓").link(linked).start();
+        span.set_tag("flag", true);
+        span.set_tag("count", -42i64);
+        span.set_tag("ratio", 0.25);
+        span.set_tag("text", "héllo");
+        span.set_tag("empty", "");
+        span.set_tag("list", Value::Array(Array::I64(vec![1, 2])));
+        span.log("plain");
+        span.log_fields(
+            "with fields",
+            [("k", Value::from(1)), ("s", Value::from("v"))],
+        );
+        span.set_error("it broke");
+        let trace_id = span.span_context().trace_id();
+        span.finish();
+        let view = buffer.trace(trace_id).unwrap();
+        let s = &view.spans[0];
+        assert_eq!(s.name, "naïve ✓");
+        assert_eq!(s.status.code, "error");
+        assert_eq!(s.status.message.as_deref(), Some("it broke"));
+        let tags = serde_json::to_value(&s.attributes).unwrap();
+        assert_eq!(
+            tags,
+            json!({"flag": true, "count": -42, "ratio": 0.25, "text": "héllo", "empty": "",
+                   "list": "[1,2]", "error": true})
+        );
+        let events: Vec<_> = s
+            .events
+            .iter()
+            .map(|e| {
+                (
+                    e.name.as_str(),
+                    serde_json::to_value(&e.attributes).unwrap(),
+                )
+            })
+            .collect();
+        assert_eq!(
+            events,
+            [
+                ("plain", json!({})),
+                ("with fields", json!({"k": 1, "s": "v"})),
+                ("exception", json!({"exception.message": "it broke"}))
+            ]
+        );
+        assert!(s.events.iter().all(|e| e.offset_us <= view.duration_us));
+        assert_eq!(
+            (s.links[0].trace_id.as_str(), s.links[0].span_id.as_str()),
+            ("00000000000000000000000000000007", "0000000000000008")
+        );
+        let summary = &buffer.recent(None, 1)[0];
+        assert_eq!(
+            (summary.root_name.as_str(), summary.error),
+            ("naïve ✓", true)
+        );
+    }
+
+    #[test]
+    fn a_damaged_block_reads_back_what_precedes_the_damage() {
+        let buffer = TraceBuffer::new(10);
+        let tracer = DistributedTracer::builder("svc")
+            .buffer(buffer.clone())
+            .build()
+            .unwrap();
+        let span = tracer.start_span("name");
+        span.set_tag("a", "b");
+        span.log("event");
+        span.finish();
+        let inner = buffer.lock();
+        let stored = inner.traces.values().next().unwrap().front().unwrap();
+        let whole = stored.packed.unpack();
+        assert_eq!(
+            (whole.name, whole.attributes.len(), whole.events.len()),
+            ("name", 1, 1)
+        );
+        // The last four bytes count the (no) links: a cut there loses nothing.
+        for cut in 0..stored.packed.0.len() - 4 {
+            let damaged = Packed(stored.packed.0[..cut].into());
+            let part = damaged.unpack();
+            assert!(
+                part.attributes.len() <= 1 && part.events.len() <= 1,
+                "{cut}"
+            );
+            assert_ne!(part, whole, "{cut}");
+        }
+    }
 
     #[test]
     fn the_service_filter_also_finds_spans_routed_to_or_calling_the_service() {
