@@ -178,7 +178,8 @@ pub(crate) fn parse_head(
         Uri::from_maybe_shared(head.slice(path.0..path.1))
             .map_err(|_| HeadError::BadRequest("invalid request target"))?
     };
-    let mut map = HeaderMap::with_capacity(scratch.len());
+    // Room for the forwarding headers the proxy adds, so that the map does not grow.
+    let mut map = HeaderMap::with_capacity(scratch.len() + 6);
     let mut length: Option<u64> = None;
     let mut transfer_encoding = false;
     let mut chunked = false;
@@ -895,6 +896,15 @@ async fn write_response(
         Close,
     }
     let encoding = if no_body {
+        // A HEAD answer tells the length a GET would have had, when known.
+        if head_request
+            && !has_length
+            && let Some(n) = body.size_hint().exact()
+        {
+            out.extend_from_slice(b"content-length: ");
+            out.extend_from_slice(itoa(n, &mut [0u8; 20]));
+            out.extend_from_slice(b"\r\n");
+        }
         Encoding::None
     } else if has_length {
         match length {
@@ -1386,5 +1396,232 @@ mod tests {
         ]
         .concat();
         assert_eq!(ambiguous_position(&upgraded, 9), None);
+    }
+
+    mod connection {
+        use super::super::*;
+        use http_body_util::{BodyExt, Full, StreamBody};
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+        fn full(text: String) -> Body {
+            Full::new(Bytes::from(text))
+                .map_err(|never| match never {})
+                .boxed()
+        }
+
+        /// Answers `METHOD URI ambiguous? body`; `/chunked` streams its answer in two
+        /// pieces of unknown length, `/empty` answers 204.
+        async fn echo(request: Request<RequestBody>, ambiguous: bool) -> Response<Body> {
+            let (parts, body) = request.into_parts();
+            let body = match body.collect().await {
+                Ok(collected) => String::from_utf8_lossy(&collected.to_bytes()).into_owned(),
+                Err(e) => format!("error: {e}"),
+            };
+            let text = format!("{} {} {ambiguous} {body}", parts.method, parts.uri);
+            match parts.uri.path() {
+                "/chunked" => {
+                    let frames = futures_util::stream::iter([
+                        Ok::<_, BoxErr>(Frame::data(Bytes::from("abc"))),
+                        Ok(Frame::data(Bytes::from(text))),
+                    ]);
+                    Response::new(StreamBody::new(frames).boxed())
+                }
+                "/empty" => {
+                    let mut response = Response::new(full(String::new()));
+                    *response.status_mut() = StatusCode::NO_CONTENT;
+                    response
+                }
+                _ => Response::new(full(text)),
+            }
+        }
+
+        type BoxErr = crate::proxy::BoxError;
+
+        async fn server(
+            limits: ConnLimits,
+        ) -> (
+            std::net::SocketAddr,
+            watch::Sender<bool>,
+            tokio::task::JoinHandle<()>,
+        ) {
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let addr = listener.local_addr().unwrap();
+            let (tx, rx) = watch::channel(false);
+            let task = tokio::spawn(async move {
+                while let Ok((stream, _)) = listener.accept().await {
+                    let rx = rx.clone();
+                    tokio::spawn(async move {
+                        let _ = serve(stream, limits, echo, rx).await;
+                    });
+                }
+            });
+            (addr, tx, task)
+        }
+
+        fn limits() -> ConnLimits {
+            ConnLimits {
+                max_head: 1024,
+                header_read_timeout: Duration::from_secs(5),
+            }
+        }
+
+        /// Sends `input` (half-closing after it) and reads everything until the server
+        /// closes.
+        async fn exchange(addr: std::net::SocketAddr, input: &[u8]) -> String {
+            let mut stream = TcpStream::connect(addr).await.unwrap();
+            stream.write_all(input).await.unwrap();
+            stream.shutdown().await.unwrap();
+            let mut answer = Vec::new();
+            tokio::time::timeout(Duration::from_secs(5), stream.read_to_end(&mut answer))
+                .await
+                .unwrap()
+                .unwrap();
+            String::from_utf8_lossy(&answer).into_owned()
+        }
+
+        fn bodies(answer: &str) -> Vec<&str> {
+            answer
+                .split("HTTP/1.1 ")
+                .skip(1)
+                .map(|r| r.split("\r\n\r\n").nth(1).unwrap_or(""))
+                .collect()
+        }
+
+        #[tokio::test]
+        async fn pipelined_requests_are_answered_in_order() {
+            let (addr, _stop, _task) = server(limits()).await;
+            let input = b"GET /a HTTP/1.1\r\nhost: x\r\n\r\n\
+                POST /b HTTP/1.1\r\ncontent-length: 5\r\n\r\nhello\
+                POST /c HTTP/1.1\r\ntransfer-encoding: chunked\r\n\r\n3;x=y\r\nabc\r\n2\r\nde\r\n0\r\nt: 1\r\n\r\n\
+                HEAD /d HTTP/1.1\r\n\r\n\
+                GET /empty HTTP/1.1\r\n\r\n\
+                GET /chunked HTTP/1.1\r\n\r\n";
+            let expected = [
+                "GET /a false ",
+                "POST /b false hello",
+                "POST /c false abcde",
+                "",
+                "",
+                // (The split at the empty line cuts the last chunk's terminator.)
+                "3\r\nabc\r\n13\r\nGET /chunked false \r\n0",
+            ];
+            let whole = exchange(addr, input).await;
+            assert_eq!(bodies(&whole), expected, "{whole}");
+            assert!(
+                whole.contains("content-length: 14\r\n"),
+                "HEAD keeps the length: {whole}"
+            );
+            assert!(whole.contains("transfer-encoding: chunked\r\n"), "{whole}");
+            assert!(whole.contains("date: "), "{whole}");
+            // Byte by byte.
+            let mut stream = TcpStream::connect(addr).await.unwrap();
+            for byte in input {
+                stream.write_all(&[*byte]).await.unwrap();
+            }
+            stream.shutdown().await.unwrap();
+            let mut answer = Vec::new();
+            stream.read_to_end(&mut answer).await.unwrap();
+            let answer = String::from_utf8_lossy(&answer);
+            assert_eq!(bodies(&answer), expected, "{answer}");
+        }
+
+        #[tokio::test]
+        async fn refusals_close_the_connection() {
+            let (addr, _stop, _task) = server(limits()).await;
+            let answer = exchange(addr, b"GARBAGE\r\n\r\nGET / HTTP/1.1\r\n\r\n").await;
+            assert!(
+                answer.starts_with("HTTP/1.1 400 Bad Request\r\n"),
+                "{answer}"
+            );
+            assert_eq!(answer.matches("HTTP/1.1").count(), 1, "{answer}");
+            let big = format!("GET / HTTP/1.1\r\nx: {}\r\n\r\n", "a".repeat(2000));
+            let answer = exchange(addr, big.as_bytes()).await;
+            assert!(answer.starts_with("HTTP/1.1 431 "), "{answer}");
+            // Ambiguous framing reaches the service marked, and nothing after it is read.
+            let answer = exchange(
+                addr,
+                b"POST /s HTTP/1.1\r\ncontent-length: 4\r\ntransfer-encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\nGET /x HTTP/1.1\r\n\r\n",
+            )
+            .await;
+            assert_eq!(bodies(&answer), ["POST /s true "], "{answer}");
+            assert!(answer.contains("connection: close\r\n"), "{answer}");
+            // A malformed chunked body is an error of the body; the connection closes.
+            let answer = exchange(
+                addr,
+                b"POST /c HTTP/1.1\r\ntransfer-encoding: chunked\r\n\r\nzz\r\nGET /x HTTP/1.1\r\n\r\n",
+            )
+            .await;
+            assert_eq!(answer.matches("HTTP/1.1").count(), 1, "{answer}");
+            assert!(answer.contains("error: invalid chunked body"), "{answer}");
+        }
+
+        #[tokio::test]
+        async fn http_1_0_and_connection_close() {
+            let (addr, _stop, _task) = server(limits()).await;
+            let answer = exchange(addr, b"GET /a HTTP/1.0\r\n\r\nGET /b HTTP/1.0\r\n\r\n").await;
+            assert_eq!(bodies(&answer), ["GET /a false "], "{answer}");
+            assert!(answer.contains("connection: close\r\n"), "{answer}");
+            let answer = exchange(
+                addr,
+                b"GET /a HTTP/1.0\r\nconnection: keep-alive\r\n\r\nGET /b HTTP/1.1\r\nconnection: close\r\n\r\nGET /c HTTP/1.1\r\n\r\n",
+            )
+            .await;
+            assert_eq!(
+                bodies(&answer),
+                ["GET /a false ", "GET /b false "],
+                "{answer}"
+            );
+            assert!(answer.contains("connection: keep-alive\r\n"), "{answer}");
+        }
+
+        #[tokio::test]
+        async fn expect_continue_gets_its_interim_answer_when_the_body_is_read() {
+            let (addr, _stop, _task) = server(limits()).await;
+            let mut stream = TcpStream::connect(addr).await.unwrap();
+            stream
+                .write_all(b"PUT /e HTTP/1.1\r\nexpect: 100-continue\r\ncontent-length: 2\r\n\r\n")
+                .await
+                .unwrap();
+            let mut interim = [0u8; 25];
+            stream.read_exact(&mut interim).await.unwrap();
+            assert_eq!(&interim, CONTINUE);
+            stream.write_all(b"ok").await.unwrap();
+            stream.shutdown().await.unwrap();
+            let mut answer = Vec::new();
+            stream.read_to_end(&mut answer).await.unwrap();
+            let answer = String::from_utf8_lossy(&answer);
+            assert_eq!(bodies(&answer), ["PUT /e false ok"], "{answer}");
+        }
+
+        #[tokio::test]
+        async fn slow_heads_time_out_and_shutdown_closes_idle_connections() {
+            let (addr, stop, _task) = server(ConnLimits {
+                max_head: 1024,
+                header_read_timeout: Duration::from_millis(200),
+            })
+            .await;
+            let mut slow = TcpStream::connect(addr).await.unwrap();
+            slow.write_all(b"GET / HTTP/1.1\r\n").await.unwrap();
+            let mut rest = Vec::new();
+            let started = std::time::Instant::now();
+            tokio::time::timeout(Duration::from_secs(5), slow.read_to_end(&mut rest))
+                .await
+                .unwrap()
+                .unwrap();
+            assert!(rest.is_empty() && started.elapsed() >= Duration::from_millis(150));
+
+            let mut idle = TcpStream::connect(addr).await.unwrap();
+            idle.write_all(b"GET / HTTP/1.1\r\n\r\n").await.unwrap();
+            let mut first = vec![0u8; 512];
+            let n = idle.read(&mut first).await.unwrap();
+            assert!(first[..n].starts_with(b"HTTP/1.1 200 OK"));
+            stop.send(true).unwrap();
+            let mut rest = Vec::new();
+            tokio::time::timeout(Duration::from_secs(1), idle.read_to_end(&mut rest))
+                .await
+                .unwrap()
+                .unwrap();
+            assert!(rest.is_empty());
+        }
     }
 }
