@@ -647,3 +647,229 @@ impl HttpBody for PooledBody {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http_body_util::{Full, StreamBody};
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    /// An upstream answering each request with the next of `answers` (closing the
+    /// connection after one ending in `"CLOSE"`, the marker itself not sent); it records
+    /// each request as received and counts connections.
+    async fn upstream(
+        answers: Vec<&'static str>,
+    ) -> (Authority, Arc<Mutex<Vec<String>>>, Arc<AtomicUsize>) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let authority: Authority = listener.local_addr().unwrap().to_string().parse().unwrap();
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let (seen2, accepted2) = (seen.clone(), accepted.clone());
+        let answers = Arc::new(Mutex::new(answers.into_iter()));
+        tokio::spawn(async move {
+            while let Ok((mut stream, _)) = listener.accept().await {
+                accepted2.fetch_add(1, Ordering::SeqCst);
+                let (seen, answers) = (seen2.clone(), answers.clone());
+                tokio::spawn(async move {
+                    let mut buf = Vec::new();
+                    let mut chunk = [0u8; 4096];
+                    loop {
+                        // A request: head, then a body by content-length or chunked.
+                        let complete = |buf: &[u8]| -> Option<usize> {
+                            let end = buf.windows(4).position(|w| w == b"\r\n\r\n")? + 4;
+                            let head = String::from_utf8_lossy(&buf[..end]).to_lowercase();
+                            if head.contains("transfer-encoding: chunked") {
+                                let at = buf[end..].windows(5).position(|w| w == b"0\r\n\r\n")?;
+                                return Some(end + at + 5);
+                            }
+                            let length = head
+                                .lines()
+                                .find_map(|l| l.strip_prefix("content-length: "))
+                                .map_or(0, |v| v.trim().parse::<usize>().unwrap());
+                            (buf.len() >= end + length).then_some(end + length)
+                        };
+                        let used = loop {
+                            if let Some(used) = complete(&buf) {
+                                break used;
+                            }
+                            let n = stream.read(&mut chunk).await.unwrap_or(0);
+                            if n == 0 {
+                                return;
+                            }
+                            buf.extend_from_slice(&chunk[..n]);
+                        };
+                        seen.lock()
+                            .unwrap()
+                            .push(String::from_utf8_lossy(&buf[..used]).into_owned());
+                        buf.drain(..used);
+                        let Some(answer) = answers.lock().unwrap().next() else {
+                            return;
+                        };
+                        let (answer, close) = match answer.strip_suffix("CLOSE") {
+                            Some(answer) => (answer, true),
+                            None => (answer, false),
+                        };
+                        stream.write_all(answer.as_bytes()).await.unwrap();
+                        if close {
+                            return;
+                        }
+                    }
+                });
+            }
+        });
+        (authority, seen, accepted)
+    }
+
+    fn request(method: Method, body: Body) -> Request<Body> {
+        let mut request = Request::new(body);
+        *request.method_mut() = method;
+        *request.uri_mut() = http::Uri::from_static("/p?q=1");
+        request
+            .headers_mut()
+            .insert(header::HOST, HeaderValue::from_static("up"));
+        request
+    }
+
+    fn full(text: &'static str) -> Body {
+        Full::new(Bytes::from_static(text.as_bytes()))
+            .map_err(|never| match never {})
+            .boxed()
+    }
+
+    async fn text(response: Response<Body>) -> String {
+        let bytes = response.into_body().collect().await.unwrap().to_bytes();
+        String::from_utf8_lossy(&bytes).into_owned()
+    }
+
+    fn pool() -> Arc<Pool> {
+        Pool::new(8, Duration::from_secs(60), Duration::from_secs(1))
+    }
+
+    #[tokio::test]
+    async fn answers_of_every_framing_and_connection_reuse() {
+        let (authority, seen, accepted) = upstream(vec![
+            "HTTP/1.1 200 OK\r\ncontent-length: 5\r\nx-a: 1\r\n\r\nhello",
+            "HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 201 Created\r\ntransfer-encoding: chunked\r\n\r\n3;e=1\r\nabc\r\n2\r\nde\r\n0\r\nt: 1\r\n\r\n",
+            "HTTP/1.1 200 OK\r\ncontent-length: 9\r\n\r\n",
+            "HTTP/1.1 204 No Content\r\n\r\n",
+            "HTTP/1.1 200 OK\r\n\r\nuntil closeCLOSE",
+            "HTTP/1.1 200 OK\r\ncontent-length: 2\r\nconnection: close\r\n\r\nokCLOSE",
+            "HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok",
+        ])
+        .await;
+        let pool = pool();
+        let response = pool
+            .send(&authority, request(Method::GET, crate::proxy::empty()))
+            .await
+            .unwrap();
+        assert_eq!(response.headers()["x-a"], "1");
+        assert_eq!(text(response).await, "hello");
+        let response = pool
+            .send(&authority, request(Method::POST, full("body")))
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 201);
+        assert_eq!(text(response).await, "abcde");
+        let response = pool
+            .send(&authority, request(Method::HEAD, crate::proxy::empty()))
+            .await
+            .unwrap();
+        assert_eq!(response.headers()["content-length"], "9");
+        assert_eq!(text(response).await, "");
+        let response = pool
+            .send(&authority, request(Method::DELETE, crate::proxy::empty()))
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 204);
+        assert_eq!(text(response).await, "");
+        assert_eq!(
+            accepted.load(Ordering::SeqCst),
+            1,
+            "one kept-alive connection so far"
+        );
+        let response = pool
+            .send(&authority, request(Method::GET, crate::proxy::empty()))
+            .await
+            .unwrap();
+        assert_eq!(text(response).await, "until close");
+        let response = pool
+            .send(&authority, request(Method::GET, crate::proxy::empty()))
+            .await
+            .unwrap();
+        assert_eq!(text(response).await, "ok");
+        let response = pool
+            .send(&authority, request(Method::GET, crate::proxy::empty()))
+            .await
+            .unwrap();
+        assert_eq!(text(response).await, "ok");
+        assert_eq!(
+            accepted.load(Ordering::SeqCst),
+            3,
+            "closed connections are replaced"
+        );
+        let seen = seen.lock().unwrap();
+        assert_eq!(seen[0], "GET /p?q=1 HTTP/1.1\r\nhost: up\r\n\r\n");
+        assert_eq!(
+            seen[1],
+            "POST /p?q=1 HTTP/1.1\r\nhost: up\r\ncontent-length: 4\r\n\r\nbody"
+        );
+    }
+
+    #[tokio::test]
+    async fn streaming_bodies_go_chunked_and_their_errors_are_the_requests() {
+        let (authority, seen, _) =
+            upstream(vec!["HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n"]).await;
+        let pool = pool();
+        let frames = futures_util::stream::iter([
+            Ok::<_, BoxError>(Frame::data(Bytes::from_static(b"abc"))),
+            Ok(Frame::data(Bytes::from_static(b"0123456789abcdef!"))),
+        ]);
+        let response = pool
+            .send(
+                &authority,
+                request(Method::PUT, StreamBody::new(frames).boxed()),
+            )
+            .await
+            .unwrap();
+        assert_eq!(text(response).await, "");
+        assert_eq!(
+            seen.lock().unwrap()[0],
+            "PUT /p?q=1 HTTP/1.1\r\nhost: up\r\ntransfer-encoding: chunked\r\n\r\n3\r\nabc\r\n11\r\n0123456789abcdef!\r\n0\r\n\r\n"
+        );
+        let failing = futures_util::stream::iter([Err::<Frame<Bytes>, BoxError>("broken".into())]);
+        let error = pool
+            .send(
+                &authority,
+                request(Method::PUT, StreamBody::new(failing).boxed()),
+            )
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(error, PoolError::Request(ClientError::RequestBody(_))),
+            "{error:?}"
+        );
+    }
+
+    #[tokio::test]
+    async fn malformed_or_cut_answers_are_errors() {
+        let (authority, _, _) = upstream(vec!["NOT HTTP\r\n\r\n"]).await;
+        let error = pool()
+            .send(&authority, request(Method::GET, crate::proxy::empty()))
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(error, PoolError::Request(ClientError::Malformed(_))),
+            "{error:?}"
+        );
+        let (authority, _, _) = upstream(vec![
+            "HTTP/1.1 200 OK\r\ncontent-length: 10\r\n\r\nshortCLOSE",
+        ])
+        .await;
+        let response = pool()
+            .send(&authority, request(Method::GET, crate::proxy::empty()))
+            .await
+            .unwrap();
+        assert!(response.into_body().collect().await.is_err());
+    }
+}
