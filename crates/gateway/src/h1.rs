@@ -473,7 +473,7 @@ impl Conn {
             reader.buf.reserve(READ_SIZE);
         }
         loop {
-            match self.io.try_read_buf(&mut reader.buf) {
+            match read_buf(&self.io, &mut reader.buf) {
                 Ok(n) => {
                     if n == 0 {
                         reader.eof = true;
@@ -547,6 +547,26 @@ impl Conn {
             }
         }
         Ok(())
+    }
+}
+
+/// Reads what `io` has into `buf`, like `try_read_buf`; but a read that does not fill the
+/// space offered also clears the socket's read readiness (as tokio's own `poll_read`
+/// does), so the next read waits for the reactor instead of costing a failed `recvfrom`.
+pub(crate) fn read_buf(io: &TcpStream, buf: &mut BytesMut) -> io::Result<usize> {
+    let spare = buf.capacity() - buf.len();
+    let mut drained = None;
+    let read = io.try_io(tokio::io::Interest::READABLE, || {
+        let n = io.try_read_buf(buf)?;
+        if n > 0 && n < spare {
+            drained = Some(n);
+            return Err(io::ErrorKind::WouldBlock.into());
+        }
+        Ok(n)
+    });
+    match (read, drained) {
+        (_, Some(n)) => Ok(n),
+        (read, None) => read,
     }
 }
 

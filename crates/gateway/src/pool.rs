@@ -101,7 +101,7 @@ impl Conn {
             self.buf.reserve(READ_SIZE);
         }
         loop {
-            match self.io.try_read_buf(&mut self.buf) {
+            match crate::h1::read_buf(&self.io, &mut self.buf) {
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                     ready!(self.io.poll_read_ready(cx))?;
                 }
