@@ -151,15 +151,13 @@ pub(crate) fn parse_head(
         }
         Err(_) => return Err(HeadError::BadRequest("malformed request head")),
     };
-    let base = buf.as_ptr() as usize;
-    let offset = |s: &[u8]| s.as_ptr() as usize - base;
     let method = Method::from_bytes(request.method.unwrap_or("").as_bytes())
         .map_err(|_| HeadError::BadRequest("invalid method"))?;
-    let path = request.path.unwrap_or("");
-    let path = (
-        offset(path.as_bytes()),
-        offset(path.as_bytes()) + path.len(),
-    );
+    let path = request
+        .path
+        .and_then(|path| span(&buf[..used], path.as_bytes()))
+        .filter(|(start, end)| start < end)
+        .ok_or(HeadError::BadRequest("invalid request target"))?;
     let version = if request.version == Some(0) {
         Version::HTTP_10
     } else {
@@ -167,9 +165,13 @@ pub(crate) fn parse_head(
     };
     scratch.clear();
     for h in request.headers.iter() {
-        let name = offset(h.name.as_bytes());
-        let value = offset(h.value);
-        scratch.push((name, name + h.name.len(), value, value + h.value.len()));
+        let (Some(name), Some(value)) = (
+            span(&buf[..used], h.name.as_bytes()),
+            span(&buf[..used], h.value),
+        ) else {
+            return Err(HeadError::BadRequest("malformed request head"));
+        };
+        scratch.push((name.0, name.1, value.0, value.1));
     }
     let head = buf.split_to(used).freeze();
     let uri = if path.1 - path.0 == 1 && head[path.0] == b'/' {
@@ -262,6 +264,16 @@ pub(crate) fn parse_head(
         expect_continue: expect_continue && version == Version::HTTP_11,
         upgrade,
     }))
+}
+
+/// Where `part` (a slice the parser returned) lies in `buf`: start and end offsets.
+pub(crate) fn span(buf: &[u8], part: &[u8]) -> Option<(usize, usize)> {
+    if part.is_empty() {
+        return Some((0, 0));
+    }
+    let start = (part.as_ptr() as usize).checked_sub(buf.as_ptr() as usize)?;
+    let end = start.checked_add(part.len())?;
+    (end <= buf.len()).then_some((start, end))
 }
 
 /// Digits only, no sign, no overflow.

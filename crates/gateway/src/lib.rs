@@ -10,9 +10,10 @@
 //!
 //! HTTP/1.x towards clients is served by the gateway's own connection loop (httparse heads,
 //! streaming bodies, one write per small answer); HTTP/2 with prior knowledge (h2c) and
-//! protocol upgrades are handed to hyper. Towards upstreams: hyper, pooled keep-alive connections
-//! towards upstreams (driven by the task serving the request, with no hand-off to a
-//! connection task — `inline_upstream_connections`, on by default), streaming bodies.
+//! protocol upgrades are handed to hyper. Towards upstreams: pooled keep-alive HTTP/1.1
+//! connections spoken by the gateway's own client, driven by the task serving the request
+//! with no hand-off to a connection task (`inline_upstream_connections`, on by default);
+//! hyper-util's client for upgrades, h2c upstreams and when that option is off.
 //!
 //! ## Options beyond routing
 //!

@@ -35,7 +35,7 @@ use http_body_util::BodyExt;
 use hyper::body::{Body as HttpBody, Frame, SizeHint};
 use tokio::net::TcpStream;
 
-use crate::h1::{Decoded, Decoder, Framing};
+use crate::h1::{Decoded, Decoder, Framing, span};
 use crate::proxy::{Body, BoxError};
 
 /// Most headers accepted in a response head.
@@ -471,12 +471,15 @@ fn parse_response(buf: &mut BytesMut, head_request: bool) -> Result<Option<Parse
     } else {
         Version::HTTP_11
     };
-    let base = buf.as_ptr() as usize;
     let mut indices: Vec<(usize, usize, usize, usize)> = Vec::with_capacity(response.headers.len());
     for h in response.headers.iter() {
-        let name = h.name.as_ptr() as usize - base;
-        let value = h.value.as_ptr() as usize - base;
-        indices.push((name, name + h.name.len(), value, value + h.value.len()));
+        let (Some(name), Some(value)) = (
+            span(&buf[..used], h.name.as_bytes()),
+            span(&buf[..used], h.value),
+        ) else {
+            return Err(ClientError::Malformed("invalid response head"));
+        };
+        indices.push((name.0, name.1, value.0, value.1));
     }
     let head = buf.split_to(used).freeze();
     let mut map = HeaderMap::with_capacity(indices.len() + 4);
