@@ -299,8 +299,9 @@ pub struct GatewayConfig {
     /// to another instance; larger bodies stream through and are never retried.
     /// Defaults to 64 KiB.
     pub retry_buffer_bytes: usize,
-    /// Whether upstream HTTP/1.1 connections are driven by the task serving the request
-    /// (no hand-off to a connection task; faster). `false` uses hyper-util's pooled client,
+    /// Whether upstream HTTP/1.1 connections are spoken by the gateway's own client and
+    /// driven by the task serving the request (no hand-off to a connection task; faster).
+    /// `false` uses hyper-util's pooled client,
     /// one task per upstream connection. Upgrades and h2c always use the latter.
     /// Defaults to `true`.
     pub inline_upstream_connections: bool,

@@ -8,9 +8,12 @@
 //! (`{"error": "...", "detail": "..."}`): 400 unsafe path, 404 no route, 413 too large,
 //! 502 upstream unreachable, 503 no healthy instance, 504 upstream timeout.
 //!
-//! Built on hyper: HTTP/1.1 and HTTP/2 (h2c) towards clients, pooled keep-alive connections
-//! towards upstreams (driven by the task serving the request, with no hand-off to a
-//! connection task — `inline_upstream_connections`, on by default), streaming bodies.
+//! HTTP/1.x towards clients is served by the gateway's own connection loop (httparse heads,
+//! streaming bodies, one write per small answer); HTTP/2 with prior knowledge (h2c) and
+//! protocol upgrades are handed to hyper. Towards upstreams: pooled keep-alive HTTP/1.1
+//! connections spoken by the gateway's own client, driven by the task serving the request
+//! with no hand-off to a connection task (`inline_upstream_connections`, on by default);
+//! hyper-util's client for upgrades, h2c upstreams and when that option is off.
 //!
 //! ## Options beyond routing
 //!
@@ -41,7 +44,7 @@
 //! - **h2c upstreams**: `upstream_protocol = "h2c"` on a route speaks HTTP/2 with prior
 //!   knowledge to its instances (gRPC, h2-only servers).
 //! - **Request smuggling**: a request with both `Content-Length` and `Transfer-Encoding`
-//!   is answered 400 and never forwarded (found below hyper, which would re-frame it).
+//!   is answered 400 and never forwarded, and the connection is closed.
 //!
 //! ```toml
 //! [gateway]
@@ -77,7 +80,7 @@
 
 mod config;
 mod cors;
-mod framing;
+mod h1;
 mod metrics;
 mod pool;
 mod proxy;
@@ -117,10 +120,10 @@ pub mod fuzzing {
     }
 
     /// Follows HTTP/1.1 request framing over `input` read in pieces of `step` bytes, as the
-    /// gateway does below hyper; returns the position of the first request carrying both
+    /// gateway's HTTP/1 server does; returns the position of the first request carrying both
     /// `Content-Length` and `Transfer-Encoding`.
     pub fn ambiguous_request(input: &[u8], step: usize) -> Option<u64> {
-        crate::framing::ambiguous_position(input, step)
+        crate::h1::ambiguous_position(input, step)
     }
 
     /// Checks `path`, routes it, and returns the path that would be forwarded upstream

@@ -1,37 +1,50 @@
-//! A lean HTTP/1.1 connection pool towards upstream instances.
+//! A lean HTTP/1.1 client and connection pool towards upstream instances.
 //!
 //! hyper-util's legacy client runs every pooled connection in a task of its own: a request
 //! is handed to that task over a channel and its response comes back over another, two
-//! task wake-ups per request, and all connections sit behind one mutex. Here the task
-//! serving the client drives the upstream connection itself: [`Pool::send`] polls the
-//! connection while it waits for the response head, and the response body
-//! ([`PooledBody`]) polls it while the body streams. When the body has been read to its
-//! end the connection goes back to the pool, idle and untouched by any task; a connection
-//! taken from the pool is polled once first, so one the upstream closed meanwhile is
-//! noticed and dropped, and a request the connection never took is sent on another one.
+//! task wake-ups per request, and all connections sit behind one mutex. hyper's own client
+//! connection, driven inline, still costs about as much as the rest of the gateway. Here
+//! the task serving the client speaks HTTP/1.1 itself: [`Pool::send`] writes the request
+//! head and the body frames at hand with one `write` (the rest of a streaming body after
+//! it), parses the response head with httparse, and the response body ([`PooledBody`])
+//! reads the connection as it is polled. When the body has been read to its end the
+//! connection goes back to the pool, idle and untouched by any task; a connection taken
+//! from the pool is checked first (a read that finds the upstream closed it, or bytes it
+//! should not have sent, drops it), and a request whose first write fails on a reused
+//! connection is sent on another one.
+//!
+//! The request body is sent whole before the response is read: an upstream that answers
+//! early without reading a large body is cut off by the route's timeout.
 //!
 //! Used for plain HTTP/1.1 requests; upgrades (WebSocket) and h2c go through hyper-util's
 //! client, which handles both.
 
 use std::collections::HashMap;
-use std::future::Future;
+use std::future::poll_fn;
+use std::io;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::task::{Context, Poll, Waker};
+use std::task::{Context, Poll, ready};
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::uri::Authority;
-use http::{Request, Response};
+use http::{Method, Request, Response, StatusCode, Version};
 use http_body_util::BodyExt;
-use hyper::body::{Body as HttpBody, Frame, Incoming, SizeHint};
-use hyper::client::conn::http1;
-use hyper_util::rt::TokioIo;
+use hyper::body::{Body as HttpBody, Frame, SizeHint};
 use tokio::net::TcpStream;
 
+use crate::h1::{Decoded, Decoder, Framing, span};
 use crate::proxy::{Body, BoxError};
 
-type Connection = http1::Connection<TokioIo<TcpStream>, Body>;
+/// Most headers accepted in a response head.
+const MAX_HEADERS: usize = 100;
+/// Largest response head accepted.
+const MAX_HEAD: usize = 64 * 1024;
+const READ_SIZE: usize = 8 * 1024;
+/// Request body frames up to this size are copied behind the head into one write.
+const COPY_LIMIT: usize = 16 * 1024;
 
 /// Why a request could not be sent to an upstream instance.
 #[derive(Debug, thiserror::Error)]
@@ -52,17 +65,83 @@ pub(crate) enum PoolError {
     /// The request failed on the connection (reset, closed, malformed answer, or an error
     /// of the request body, found in the source chain).
     #[error("request failed")]
-    Request(#[source] hyper::Error),
+    Request(#[source] ClientError),
 }
 
-/// A connection with its request handle.
-struct Entry {
-    sender: http1::SendRequest<Body>,
-    connection: Connection,
+/// What went wrong on an upstream connection.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum ClientError {
+    /// The upstream closed the connection before its answer was complete.
+    #[error("connection closed before the end of the answer")]
+    Closed,
+    /// The answer is not HTTP/1.x as this client reads it.
+    #[error("malformed answer: {0}")]
+    Malformed(&'static str),
+    /// Reading or writing the connection failed.
+    #[error(transparent)]
+    Io(#[from] io::Error),
+    /// The request body failed (the client's fault, usually).
+    #[error("request body failed")]
+    RequestBody(#[source] BoxError),
+    /// The response body is malformed.
+    #[error("response body: {0}")]
+    ResponseBody(#[source] crate::h1::BodyError),
+}
+
+/// An upstream connection with its read buffer.
+struct Conn {
+    io: TcpStream,
+    buf: BytesMut,
+}
+
+impl Conn {
+    /// Reads what the socket has: `Ready(Ok(0))` at end of stream.
+    fn poll_fill(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<usize>> {
+        if self.buf.capacity() - self.buf.len() < READ_SIZE / 2 {
+            self.buf.reserve(READ_SIZE);
+        }
+        loop {
+            match crate::h1::read_buf(&self.io, &mut self.buf) {
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    ready!(self.io.poll_read_ready(cx))?;
+                }
+                result => return Poll::Ready(result),
+            }
+        }
+    }
+
+    /// Whether the idle connection is still usable: nothing to read, not closed.
+    fn is_idle_and_open(&mut self) -> bool {
+        if !self.buf.is_empty() {
+            return false;
+        }
+        matches!(
+            self.poll_fill(&mut Context::from_waker(std::task::Waker::noop())),
+            Poll::Pending
+        )
+    }
+}
+
+/// Writes all of `bytes`; on error, how much was written.
+async fn write_all(io: &TcpStream, bytes: &[u8]) -> Result<(), (io::Error, usize)> {
+    let mut written = 0;
+    while written < bytes.len() {
+        match io.try_write(&bytes[written..]) {
+            Ok(0) => return Err((io::ErrorKind::WriteZero.into(), written)),
+            Ok(n) => written += n,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                if let Err(e) = io.writable().await {
+                    return Err((e, written));
+                }
+            }
+            Err(e) => return Err((e, written)),
+        }
+    }
+    Ok(())
 }
 
 struct Idle {
-    entry: Entry,
+    conn: Conn,
     since: Instant,
 }
 
@@ -84,8 +163,11 @@ impl std::fmt::Debug for Pool {
     }
 }
 
-fn noop_poll(connection: &mut Connection) -> Poll<hyper::Result<()>> {
-    Pin::new(connection).poll(&mut Context::from_waker(Waker::noop()))
+/// How the request body is framed on the wire.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Sending {
+    Length,
+    Chunked,
 }
 
 impl Pool {
@@ -109,27 +191,23 @@ impl Pool {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
-    /// A pooled connection to `authority` that is still open and ready, if any.
-    fn checkout(&self, authority: &Authority) -> Option<Entry> {
+    /// A pooled connection to `authority` that is still open, if any.
+    fn checkout(&self, authority: &Authority) -> Option<Conn> {
         loop {
             let idle = self.idle().get_mut(authority.as_str())?.pop()?;
-            let mut entry = idle.entry;
-            if idle.since.elapsed() > self.idle_timeout || entry.sender.is_closed() {
+            let mut conn = idle.conn;
+            if idle.since.elapsed() > self.idle_timeout || !conn.is_idle_and_open() {
                 continue;
             }
-            // An upstream that closed the idle connection shows up here as a finished one.
-            if noop_poll(&mut entry.connection).is_ready() || !entry.sender.is_ready() {
-                continue;
-            }
-            return Some(entry);
+            return Some(conn);
         }
     }
 
-    fn put(&self, authority: &Authority, entry: Entry) {
+    fn put(&self, authority: &Authority, conn: Conn) {
         let now = Instant::now();
         {
             let mut idle = self.idle();
-            let entry = Idle { entry, since: now };
+            let entry = Idle { conn, since: now };
             match idle.get_mut(authority.as_str()) {
                 Some(list) if list.len() < self.max_idle_per_host => list.push(entry),
                 Some(_) => {}
@@ -171,7 +249,7 @@ impl Pool {
         drop(stale);
     }
 
-    async fn connect(&self, authority: &Authority) -> Result<Entry, PoolError> {
+    async fn connect(&self, authority: &Authority) -> Result<Conn, PoolError> {
         let address = (
             authority.host().trim_matches(['[', ']']),
             authority.port_u16().unwrap_or(80),
@@ -187,13 +265,10 @@ impl Pool {
                 source,
             })?;
         let _ = stream.set_nodelay(true);
-        // One flattened write per request, as on the listening side (see `server`).
-        let (sender, connection) = http1::Builder::new()
-            .writev(false)
-            .handshake(TokioIo::new(stream))
-            .await
-            .map_err(PoolError::Request)?;
-        Ok(Entry { sender, connection })
+        Ok(Conn {
+            io: stream,
+            buf: BytesMut::with_capacity(READ_SIZE),
+        })
     }
 
     /// Sends `request` (origin-form URI, `Host` set) to `authority` on a pooled or new
@@ -201,69 +276,301 @@ impl Pool {
     pub(crate) async fn send(
         self: &Arc<Self>,
         authority: &Authority,
-        mut request: Request<Body>,
+        request: Request<Body>,
     ) -> Result<Response<Body>, PoolError> {
-        loop {
-            let (mut entry, reused) = match self.checkout(authority) {
-                Some(entry) => (entry, true),
+        let (parts, mut body) = request.into_parts();
+        let head_request = parts.method == Method::HEAD;
+        let mut out = Vec::with_capacity(1024);
+        let sending = encode_head(&parts, &body, &mut out);
+        let mut ended = body.is_end_stream();
+        if !ended {
+            ended = gather(&mut body, &mut out, sending)
+                .await
+                .map_err(|e| PoolError::Request(ClientError::RequestBody(e)))?;
+        }
+        // The first write: on a reused connection the upstream may have closed meanwhile;
+        // if nothing was written, another connection gets the request.
+        let mut conn = loop {
+            let (conn, reused) = match self.checkout(authority) {
+                Some(conn) => (conn, true),
                 None => (self.connect(authority).await?, false),
             };
-            let mut pending = std::pin::pin!(entry.sender.try_send_request(request));
-            let mut finished = false;
-            let result = std::future::poll_fn(|cx| {
-                if let Poll::Ready(result) = pending.as_mut().poll(cx) {
-                    return Poll::Ready(result);
+            match write_all(&conn.io, &out).await {
+                Ok(()) => break conn,
+                Err((_, 0)) if reused => continue,
+                Err((e, _)) => return Err(PoolError::Request(e.into())),
+            }
+        };
+        while !ended {
+            out.clear();
+            ended = gather(&mut body, &mut out, sending)
+                .await
+                .map_err(|e| PoolError::Request(ClientError::RequestBody(e)))?;
+            if !out.is_empty() {
+                write_all(&conn.io, &out)
+                    .await
+                    .map_err(|(e, _)| PoolError::Request(e.into()))?;
+            }
+        }
+        drop(body);
+        let (head, decoder, reusable) = poll_fn(|cx| read_head(&mut conn, cx, head_request))
+            .await
+            .map_err(PoolError::Request)?;
+        let body = PooledBody {
+            conn: Some(conn),
+            decoder,
+            reusable,
+            authority: authority.clone(),
+            pool: Arc::clone(self),
+        };
+        Ok(Response::from_parts(head, body.boxed()))
+    }
+}
+
+/// Writes the request line and headers, with the body's framing; returns it.
+fn encode_head(parts: &http::request::Parts, body: &Body, out: &mut Vec<u8>) -> Sending {
+    out.extend_from_slice(parts.method.as_str().as_bytes());
+    out.push(b' ');
+    out.extend_from_slice(
+        parts
+            .uri
+            .path_and_query()
+            .map_or("/", |p| p.as_str())
+            .as_bytes(),
+    );
+    out.extend_from_slice(b" HTTP/1.1\r\n");
+    let mut has_length = false;
+    for (name, value) in &parts.headers {
+        if *name == header::TRANSFER_ENCODING {
+            continue;
+        }
+        has_length |= *name == header::CONTENT_LENGTH;
+        out.extend_from_slice(name.as_str().as_bytes());
+        out.extend_from_slice(b": ");
+        out.extend_from_slice(value.as_bytes());
+        out.extend_from_slice(b"\r\n");
+    }
+    let sending = if has_length {
+        Sending::Length
+    } else if let Some(n) = body.size_hint().exact() {
+        if n > 0 || matches!(parts.method, Method::POST | Method::PUT | Method::PATCH) {
+            out.extend_from_slice(b"content-length: ");
+            out.extend_from_slice(n.to_string().as_bytes());
+            out.extend_from_slice(b"\r\n");
+        }
+        Sending::Length
+    } else {
+        out.extend_from_slice(b"transfer-encoding: chunked\r\n");
+        Sending::Chunked
+    };
+    out.extend_from_slice(b"\r\n");
+    sending
+}
+
+/// Appends the body frames at hand to `out` (waiting for one when `out` is empty);
+/// `Ok(true)` at the end of the body.
+async fn gather(body: &mut Body, out: &mut Vec<u8>, sending: Sending) -> Result<bool, BoxError> {
+    loop {
+        let pending_out = !out.is_empty();
+        let polled = poll_fn(|cx| match Pin::new(&mut *body).poll_frame(cx) {
+            Poll::Pending if pending_out => Poll::Ready(None),
+            Poll::Pending => Poll::Pending,
+            Poll::Ready(frame) => Poll::Ready(Some(frame)),
+        })
+        .await;
+        match polled {
+            None => return Ok(false),
+            Some(None) => {
+                if sending == Sending::Chunked {
+                    out.extend_from_slice(b"0\r\n\r\n");
                 }
-                if !finished && Pin::new(&mut entry.connection).poll(cx).is_ready() {
-                    // The connection ended; the request's fate is settled now.
-                    finished = true;
-                    return pending.as_mut().poll(cx);
+                return Ok(true);
+            }
+            Some(Some(Err(e))) => return Err(e),
+            Some(Some(Ok(frame))) => {
+                let Ok(data) = frame.into_data() else {
+                    continue;
+                };
+                if data.is_empty() {
+                    continue;
                 }
-                Poll::Pending
-            })
-            .await;
-            match result {
-                Ok(response) => {
-                    let (parts, body) = response.into_parts();
-                    let body = PooledBody {
-                        finished: finished || body.is_end_stream(),
-                        body,
-                        entry: (!finished).then_some(entry),
-                        authority: authority.clone(),
-                        pool: Arc::clone(self),
-                    };
-                    return Ok(Response::from_parts(parts, body.boxed()));
+                if sending == Sending::Chunked {
+                    out.extend_from_slice(format!("{:x}\r\n", data.len()).as_bytes());
                 }
-                Err(mut error) => match error.take_message() {
-                    // A pooled connection that never took the request: use another one.
-                    Some(unsent) if reused => request = unsent,
-                    _ => return Err(PoolError::Request(error.into_error())),
-                },
+                out.extend_from_slice(&data);
+                if sending == Sending::Chunked {
+                    out.extend_from_slice(b"\r\n");
+                }
+                if out.len() >= COPY_LIMIT {
+                    return Ok(false);
+                }
             }
         }
     }
 }
 
-/// A response body that drives its connection and hands it back to the pool when read to
+/// Reads the response head (skipping interim 1xx answers): the head, the body's decoder,
+/// and whether the connection may be reused after the body.
+fn read_head(
+    conn: &mut Conn,
+    cx: &mut Context<'_>,
+    head_request: bool,
+) -> Poll<Result<(http::response::Parts, Body2, bool), ClientError>> {
+    loop {
+        if !conn.buf.is_empty() {
+            match parse_response(&mut conn.buf, head_request)? {
+                Some(Parsed::Interim) => continue,
+                Some(Parsed::Head(head, decoder, reusable)) => {
+                    return Poll::Ready(Ok((head, decoder, reusable)));
+                }
+                None => {}
+            }
+        }
+        if ready!(conn.poll_fill(cx))? == 0 {
+            return Poll::Ready(Err(ClientError::Closed));
+        }
+    }
+}
+
+/// How the response body is read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Body2 {
+    /// Framed by length or chunks.
+    Framed(Decoder),
+    /// Until the upstream closes.
+    UntilClose,
+}
+
+enum Parsed {
+    Interim,
+    Head(http::response::Parts, Body2, bool),
+}
+
+fn parse_response(buf: &mut BytesMut, head_request: bool) -> Result<Option<Parsed>, ClientError> {
+    let mut headers = [const { std::mem::MaybeUninit::uninit() }; MAX_HEADERS];
+    let mut response = httparse::Response::new(&mut []);
+    let used = match httparse::ParserConfig::default().parse_response_with_uninit_headers(
+        &mut response,
+        buf,
+        &mut headers,
+    ) {
+        Ok(httparse::Status::Complete(used)) => used,
+        Ok(httparse::Status::Partial) if buf.len() <= MAX_HEAD => return Ok(None),
+        Ok(httparse::Status::Partial) => return Err(ClientError::Malformed("head too large")),
+        Err(_) => return Err(ClientError::Malformed("invalid response head")),
+    };
+    let code = response.code.unwrap_or(0);
+    let status =
+        StatusCode::from_u16(code).map_err(|_| ClientError::Malformed("invalid status"))?;
+    if status.is_informational() && code != 101 {
+        let _ = buf.split_to(used);
+        return Ok(Some(Parsed::Interim));
+    }
+    let version = if response.version == Some(0) {
+        Version::HTTP_10
+    } else {
+        Version::HTTP_11
+    };
+    let mut indices: Vec<(usize, usize, usize, usize)> = Vec::with_capacity(response.headers.len());
+    for h in response.headers.iter() {
+        let (Some(name), Some(value)) = (
+            span(&buf[..used], h.name.as_bytes()),
+            span(&buf[..used], h.value),
+        ) else {
+            return Err(ClientError::Malformed("invalid response head"));
+        };
+        indices.push((name.0, name.1, value.0, value.1));
+    }
+    let head = buf.split_to(used).freeze();
+    let mut map = HeaderMap::with_capacity(indices.len() + 4);
+    let mut length = None;
+    let mut chunked = None;
+    let mut close = version == Version::HTTP_10;
+    for (ns, ne, vs, ve) in indices {
+        let name = HeaderName::from_bytes(&head[ns..ne])
+            .map_err(|_| ClientError::Malformed("invalid header name"))?;
+        let value = HeaderValue::from_maybe_shared(head.slice(vs..ve))
+            .map_err(|_| ClientError::Malformed("invalid header value"))?;
+        if name == header::CONTENT_LENGTH {
+            let n = std::str::from_utf8(value.as_bytes())
+                .ok()
+                .and_then(|v| v.trim().parse::<u64>().ok())
+                .ok_or(ClientError::Malformed("invalid content-length"))?;
+            if length.is_some_and(|l| l != n) {
+                return Err(ClientError::Malformed("conflicting content-length"));
+            }
+            length = Some(n);
+        } else if name == header::TRANSFER_ENCODING {
+            let last = value
+                .as_bytes()
+                .rsplit(|b| *b == b',')
+                .next()
+                .unwrap_or(b"");
+            chunked = Some(last.trim_ascii().eq_ignore_ascii_case(b"chunked"));
+        } else if name == header::CONNECTION {
+            for token in value.as_bytes().split(|b| *b == b',') {
+                let token = token.trim_ascii();
+                if token.eq_ignore_ascii_case(b"close") {
+                    close = true;
+                } else if token.eq_ignore_ascii_case(b"keep-alive") && version == Version::HTTP_10 {
+                    close = false;
+                }
+            }
+        }
+        map.append(name, value);
+    }
+    let no_body = head_request
+        || status.is_informational()
+        || status == StatusCode::NO_CONTENT
+        || status == StatusCode::NOT_MODIFIED;
+    let body = if no_body {
+        Body2::Framed(Decoder::new(Framing::None))
+    } else {
+        match (chunked, length) {
+            (Some(true), _) => {
+                // Chunked wins over a length (RFC 9112 §6.3); the connection is not reused.
+                close |= length.is_some();
+                Body2::Framed(Decoder::new(Framing::Chunked))
+            }
+            (Some(false), _) => Body2::UntilClose,
+            (None, Some(n)) => Body2::Framed(Decoder::new(if n == 0 {
+                Framing::None
+            } else {
+                Framing::Length(n)
+            })),
+            (None, None) => Body2::UntilClose,
+        }
+    };
+    let reusable = !close && code != 101 && body != Body2::UntilClose;
+    let mut response = Response::new(());
+    *response.status_mut() = status;
+    *response.version_mut() = version;
+    *response.headers_mut() = map;
+    Ok(Some(Parsed::Head(response.into_parts().0, body, reusable)))
+}
+
+/// A response body that reads its connection and hands it back to the pool when read to
 /// the end (a body dropped before its end closes the connection).
 struct PooledBody {
-    body: Incoming,
     /// `None` once the connection ended or went back to the pool.
-    entry: Option<Entry>,
-    /// Whether the body was read to its end.
-    finished: bool,
+    conn: Option<Conn>,
+    decoder: Body2,
+    reusable: bool,
     authority: Authority,
     pool: Arc<Pool>,
 }
 
 impl PooledBody {
+    fn finished(&self) -> bool {
+        self.decoder == Body2::Framed(Decoder::Done)
+    }
+
     fn release(&mut self) {
-        let Some(mut entry) = self.entry.take() else {
-            return;
-        };
-        // Let the connection notice the exchange is over and ask for the next request.
-        if noop_poll(&mut entry.connection).is_pending() && entry.sender.is_ready() {
-            self.pool.put(&self.authority, entry);
+        if let Some(conn) = self.conn.take()
+            && self.reusable
+            && conn.buf.is_empty()
+        {
+            self.pool.put(&self.authority, conn);
         }
     }
 }
@@ -277,48 +584,295 @@ impl HttpBody for PooledBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let this = &mut *self;
-        if let Some(entry) = &mut this.entry
-            && Pin::new(&mut entry.connection).poll(cx).is_ready()
-        {
-            this.entry = None;
-        }
-        let frame = match Pin::new(&mut this.body).poll_frame(cx) {
-            Poll::Pending => return Poll::Pending,
-            Poll::Ready(frame) => frame,
-        };
-        match frame {
-            None => {
-                this.finished = true;
-                this.release();
-                Poll::Ready(None)
-            }
-            Some(Ok(frame)) => {
-                if this.body.is_end_stream() {
-                    this.finished = true;
-                    this.release();
+        loop {
+            let Some(conn) = &mut this.conn else {
+                return Poll::Ready(if this.finished() {
+                    None
+                } else {
+                    Some(Err(Box::new(ClientError::Closed)))
+                });
+            };
+            match &mut this.decoder {
+                Body2::Framed(decoder) => match decoder.decode(&mut conn.buf, MAX_HEAD) {
+                    Ok(Decoded::Data(data)) => {
+                        if this.finished() {
+                            this.release();
+                        }
+                        return Poll::Ready(Some(Ok(Frame::data(data))));
+                    }
+                    Ok(Decoded::End) => {
+                        this.release();
+                        return Poll::Ready(None);
+                    }
+                    Ok(Decoded::NeedMore) => {}
+                    Err(e) => {
+                        this.conn = None;
+                        return Poll::Ready(Some(Err(Box::new(ClientError::ResponseBody(e)))));
+                    }
+                },
+                Body2::UntilClose => {
+                    if !conn.buf.is_empty() {
+                        let data = conn.buf.split().freeze();
+                        return Poll::Ready(Some(Ok(Frame::data(data))));
+                    }
                 }
-                Poll::Ready(Some(Ok(frame)))
             }
-            Some(Err(e)) => {
-                this.entry = None;
-                Poll::Ready(Some(Err(Box::new(e))))
+            let Some(conn) = &mut this.conn else {
+                continue;
+            };
+            match ready!(conn.poll_fill(cx)) {
+                Ok(0) => {
+                    this.conn = None;
+                    if this.decoder == Body2::UntilClose {
+                        this.decoder = Body2::Framed(Decoder::Done);
+                        return Poll::Ready(None);
+                    }
+                    return Poll::Ready(Some(Err(Box::new(ClientError::Closed))));
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    this.conn = None;
+                    return Poll::Ready(Some(Err(Box::new(ClientError::Io(e)))));
+                }
             }
         }
     }
 
     fn is_end_stream(&self) -> bool {
-        self.body.is_end_stream()
+        self.finished()
     }
 
     fn size_hint(&self) -> SizeHint {
-        self.body.size_hint()
+        match self.decoder {
+            Body2::Framed(Decoder::Length(n)) => SizeHint::with_exact(n),
+            Body2::Framed(Decoder::Done) => SizeHint::with_exact(0),
+            _ => SizeHint::default(),
+        }
     }
 }
 
-impl Drop for PooledBody {
-    fn drop(&mut self) {
-        if self.finished {
-            self.release();
-        }
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http_body_util::{Full, StreamBody};
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    /// An upstream answering each request with the next of `answers` (closing the
+    /// connection after one ending in `"CLOSE"`, the marker itself not sent); it records
+    /// each request as received and counts connections.
+    async fn upstream(
+        answers: Vec<&'static str>,
+    ) -> (Authority, Arc<Mutex<Vec<String>>>, Arc<AtomicUsize>) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let authority: Authority = listener.local_addr().unwrap().to_string().parse().unwrap();
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let (seen2, accepted2) = (seen.clone(), accepted.clone());
+        let answers = Arc::new(Mutex::new(answers.into_iter()));
+        tokio::spawn(async move {
+            while let Ok((mut stream, _)) = listener.accept().await {
+                accepted2.fetch_add(1, Ordering::SeqCst);
+                let (seen, answers) = (seen2.clone(), answers.clone());
+                tokio::spawn(async move {
+                    let mut buf = Vec::new();
+                    let mut chunk = [0u8; 4096];
+                    loop {
+                        // A request: head, then a body by content-length or chunked.
+                        let complete = |buf: &[u8]| -> Option<usize> {
+                            let end = buf.windows(4).position(|w| w == b"\r\n\r\n")? + 4;
+                            let head = String::from_utf8_lossy(&buf[..end]).to_lowercase();
+                            if head.contains("transfer-encoding: chunked") {
+                                let at = buf[end..].windows(5).position(|w| w == b"0\r\n\r\n")?;
+                                return Some(end + at + 5);
+                            }
+                            let length = head
+                                .lines()
+                                .find_map(|l| l.strip_prefix("content-length: "))
+                                .map_or(0, |v| v.trim().parse::<usize>().unwrap());
+                            (buf.len() >= end + length).then_some(end + length)
+                        };
+                        let used = loop {
+                            if let Some(used) = complete(&buf) {
+                                break used;
+                            }
+                            let n = stream.read(&mut chunk).await.unwrap_or(0);
+                            if n == 0 {
+                                return;
+                            }
+                            buf.extend_from_slice(&chunk[..n]);
+                        };
+                        seen.lock()
+                            .unwrap()
+                            .push(String::from_utf8_lossy(&buf[..used]).into_owned());
+                        buf.drain(..used);
+                        let Some(answer) = answers.lock().unwrap().next() else {
+                            return;
+                        };
+                        let (answer, close) = match answer.strip_suffix("CLOSE") {
+                            Some(answer) => (answer, true),
+                            None => (answer, false),
+                        };
+                        stream.write_all(answer.as_bytes()).await.unwrap();
+                        if close {
+                            return;
+                        }
+                    }
+                });
+            }
+        });
+        (authority, seen, accepted)
+    }
+
+    fn request(method: Method, body: Body) -> Request<Body> {
+        let mut request = Request::new(body);
+        *request.method_mut() = method;
+        *request.uri_mut() = http::Uri::from_static("/p?q=1");
+        request
+            .headers_mut()
+            .insert(header::HOST, HeaderValue::from_static("up"));
+        request
+    }
+
+    fn full(text: &'static str) -> Body {
+        Full::new(Bytes::from_static(text.as_bytes()))
+            .map_err(|never| match never {})
+            .boxed()
+    }
+
+    async fn text(response: Response<Body>) -> String {
+        let bytes = response.into_body().collect().await.unwrap().to_bytes();
+        String::from_utf8_lossy(&bytes).into_owned()
+    }
+
+    fn pool() -> Arc<Pool> {
+        Pool::new(8, Duration::from_secs(60), Duration::from_secs(1))
+    }
+
+    #[tokio::test]
+    async fn answers_of_every_framing_and_connection_reuse() {
+        let (authority, seen, accepted) = upstream(vec![
+            "HTTP/1.1 200 OK\r\ncontent-length: 5\r\nx-a: 1\r\n\r\nhello",
+            "HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 201 Created\r\ntransfer-encoding: chunked\r\n\r\n3;e=1\r\nabc\r\n2\r\nde\r\n0\r\nt: 1\r\n\r\n",
+            "HTTP/1.1 200 OK\r\ncontent-length: 9\r\n\r\n",
+            "HTTP/1.1 204 No Content\r\n\r\n",
+            "HTTP/1.1 200 OK\r\n\r\nuntil closeCLOSE",
+            "HTTP/1.1 200 OK\r\ncontent-length: 2\r\nconnection: close\r\n\r\nokCLOSE",
+            "HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok",
+        ])
+        .await;
+        let pool = pool();
+        let response = pool
+            .send(&authority, request(Method::GET, crate::proxy::empty()))
+            .await
+            .unwrap();
+        assert_eq!(response.headers()["x-a"], "1");
+        assert_eq!(text(response).await, "hello");
+        let response = pool
+            .send(&authority, request(Method::POST, full("body")))
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 201);
+        assert_eq!(text(response).await, "abcde");
+        let response = pool
+            .send(&authority, request(Method::HEAD, crate::proxy::empty()))
+            .await
+            .unwrap();
+        assert_eq!(response.headers()["content-length"], "9");
+        assert_eq!(text(response).await, "");
+        let response = pool
+            .send(&authority, request(Method::DELETE, crate::proxy::empty()))
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 204);
+        assert_eq!(text(response).await, "");
+        assert_eq!(
+            accepted.load(Ordering::SeqCst),
+            1,
+            "one kept-alive connection so far"
+        );
+        let response = pool
+            .send(&authority, request(Method::GET, crate::proxy::empty()))
+            .await
+            .unwrap();
+        assert_eq!(text(response).await, "until close");
+        let response = pool
+            .send(&authority, request(Method::GET, crate::proxy::empty()))
+            .await
+            .unwrap();
+        assert_eq!(text(response).await, "ok");
+        let response = pool
+            .send(&authority, request(Method::GET, crate::proxy::empty()))
+            .await
+            .unwrap();
+        assert_eq!(text(response).await, "ok");
+        assert_eq!(
+            accepted.load(Ordering::SeqCst),
+            3,
+            "closed connections are replaced"
+        );
+        let seen = seen.lock().unwrap();
+        assert_eq!(seen[0], "GET /p?q=1 HTTP/1.1\r\nhost: up\r\n\r\n");
+        assert_eq!(
+            seen[1],
+            "POST /p?q=1 HTTP/1.1\r\nhost: up\r\ncontent-length: 4\r\n\r\nbody"
+        );
+    }
+
+    #[tokio::test]
+    async fn streaming_bodies_go_chunked_and_their_errors_are_the_requests() {
+        let (authority, seen, _) =
+            upstream(vec!["HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n"]).await;
+        let pool = pool();
+        let frames = futures_util::stream::iter([
+            Ok::<_, BoxError>(Frame::data(Bytes::from_static(b"abc"))),
+            Ok(Frame::data(Bytes::from_static(b"0123456789abcdef!"))),
+        ]);
+        let response = pool
+            .send(
+                &authority,
+                request(Method::PUT, StreamBody::new(frames).boxed()),
+            )
+            .await
+            .unwrap();
+        assert_eq!(text(response).await, "");
+        assert_eq!(
+            seen.lock().unwrap()[0],
+            "PUT /p?q=1 HTTP/1.1\r\nhost: up\r\ntransfer-encoding: chunked\r\n\r\n3\r\nabc\r\n11\r\n0123456789abcdef!\r\n0\r\n\r\n"
+        );
+        let failing = futures_util::stream::iter([Err::<Frame<Bytes>, BoxError>("broken".into())]);
+        let error = pool
+            .send(
+                &authority,
+                request(Method::PUT, StreamBody::new(failing).boxed()),
+            )
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(error, PoolError::Request(ClientError::RequestBody(_))),
+            "{error:?}"
+        );
+    }
+
+    #[tokio::test]
+    async fn malformed_or_cut_answers_are_errors() {
+        let (authority, _, _) = upstream(vec!["NOT HTTP\r\n\r\n"]).await;
+        let error = pool()
+            .send(&authority, request(Method::GET, crate::proxy::empty()))
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(error, PoolError::Request(ClientError::Malformed(_))),
+            "{error:?}"
+        );
+        let (authority, _, _) = upstream(vec![
+            "HTTP/1.1 200 OK\r\ncontent-length: 10\r\n\r\nshortCLOSE",
+        ])
+        .await;
+        let response = pool()
+            .send(&authority, request(Method::GET, crate::proxy::empty()))
+            .await
+            .unwrap();
+        assert!(response.into_body().collect().await.is_err());
     }
 }

@@ -13,7 +13,7 @@ use http::uri::PathAndQuery;
 use http::{Request, Response, StatusCode, Uri};
 use http_body_util::combinators::BoxBody;
 use http_body_util::{BodyExt, Empty, Full, Limited};
-use hyper::body::{Frame, Incoming};
+use hyper::body::Frame;
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioIo};
@@ -327,12 +327,16 @@ struct Matched {
 }
 
 /// Serves one request; never fails (errors become responses).
-pub(crate) async fn handle(
+pub(crate) async fn handle<B>(
     state: Arc<State>,
-    request: Request<Incoming>,
+    request: Request<B>,
     peer: Arc<Peer>,
     ambiguous_framing: bool,
-) -> Result<Response<Body>, Infallible> {
+) -> Result<Response<Body>, Infallible>
+where
+    B: hyper::body::Body<Data = Bytes> + Send + Sync + 'static,
+    B::Error: Into<BoxError>,
+{
     let started = std::time::Instant::now();
     let request_id = state.request_id(request.headers().get(REQUEST_ID));
     let table = state.table.load_full();
@@ -344,7 +348,7 @@ pub(crate) async fn handle(
     });
     let mut matched = None;
     let forwarded = if ambiguous_framing {
-        // See `framing`: the request's body length is ambiguous; never forwarded.
+        // See `h1`: the request's body length is ambiguous; never forwarded.
         Err(Refusal::BadRequest(
             "request has both Content-Length and Transfer-Encoding".into(),
         ))
@@ -498,15 +502,19 @@ fn splice(client: hyper::upgrade::OnUpgrade, upstream: hyper::upgrade::OnUpgrade
     });
 }
 
-async fn forward(
+async fn forward<B>(
     state: &State,
     table: &RouteTable,
-    request: Request<Incoming>,
+    request: Request<B>,
     peer: &Peer,
     request_id: &HeaderValue,
     matched: &mut Option<Matched>,
     span: Option<&HttpServerSpan>,
-) -> Result<Response<Body>, Refusal> {
+) -> Result<Response<Body>, Refusal>
+where
+    B: hyper::body::Body<Data = Bytes> + Send + Sync + 'static,
+    B::Error: Into<BoxError>,
+{
     let remote = peer.addr;
     let (mut parts, body) = request.into_parts();
     let path = parts.uri.path();

@@ -1,4 +1,5 @@
-//! The listening side: accept, HTTP/1.1 and HTTP/2 (h2c) with limits, graceful shutdown.
+//! The listening side: accept, HTTP/1.x (the gateway's own, see `h1`) and, through hyper,
+//! HTTP/2 (h2c) and upgrades, with limits and graceful shutdown.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -9,12 +10,12 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
-use tokio::sync::oneshot;
+use tokio::sync::{oneshot, watch};
 use tokio::task::JoinHandle;
 use trellis_registry::ServiceRegistry;
 
 use crate::config::{ConfigError, GatewayConfig};
-use crate::framing::{Framing, Sniffed};
+use crate::h1::{self, ConnLimits, Served};
 use crate::proxy::{Peer, State, handle};
 use crate::route::RouteTable;
 
@@ -170,17 +171,24 @@ impl RunningGateway {
 }
 
 async fn accept_loop(listener: TcpListener, state: Arc<State>, mut stopped: oneshot::Receiver<()>) {
+    // Connections handed to hyper (h2c, upgrades) drain through `graceful`; the
+    // gateway's own HTTP/1 connections each hold a receiver of `drain`, which tells them
+    // to finish the request in flight and close, and is dropped when they end.
     let graceful = GracefulShutdown::new();
+    let (drain, drain_rx) = watch::channel(false);
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder
         .http1()
         .timer(TokioTimer::new())
         .header_read_timeout(state.limits.header_read_timeout.get())
-        // Head and body copied into one buffer and written with one `write`: cheaper than
-        // hyper's queue of buffers for the small answers most requests get.
         .writev(false)
         .max_buf_size(state.limits.max_header_bytes);
     builder.http2().timer(TokioTimer::new());
+    let builder = Arc::new(builder);
+    let limits = ConnLimits {
+        max_head: state.limits.max_header_bytes,
+        header_read_timeout: state.limits.header_read_timeout.get(),
+    };
     loop {
         tokio::select! {
             accepted = listener.accept() => {
@@ -195,19 +203,36 @@ async fn accept_loop(listener: TcpListener, state: Arc<State>, mut stopped: ones
                 };
                 let _ = stream.set_nodelay(true);
                 let state = state.clone();
-                let framing = Framing::new();
-                let stream = Sniffed::new(stream, framing.clone(), state.limits.max_header_bytes);
                 let peer = Arc::new(Peer::new(remote));
-                let service = service_fn(move |request| {
-                    let ambiguous = framing.next_is_ambiguous();
-                    handle(state.clone(), request, peer.clone(), ambiguous)
-                });
-                let connection = builder
-                    .serve_connection_with_upgrades(TokioIo::new(stream), service)
-                    .into_owned();
-                let connection = graceful.watch(connection);
+                let drain = drain_rx.clone();
+                let watcher = graceful.watcher();
+                let builder = builder.clone();
                 tokio::spawn(async move {
-                    if let Err(e) = connection.await {
+                    let served = {
+                        let (state, peer) = (&state, &peer);
+                        h1::serve(
+                            stream,
+                            limits,
+                            |request, ambiguous| async move {
+                                match handle(state.clone(), request, peer.clone(), ambiguous).await {
+                                    Ok(response) => response,
+                                    Err(never) => match never {},
+                                }
+                            },
+                            drain,
+                        )
+                        .await
+                    };
+                    let Served::Handover(io) = served else {
+                        return;
+                    };
+                    let service = service_fn(move |request| {
+                        handle(state.clone(), request, peer.clone(), false)
+                    });
+                    let connection = builder
+                        .serve_connection_with_upgrades(TokioIo::new(io), service)
+                        .into_owned();
+                    if let Err(e) = watcher.watch(connection).await {
                         tracing::debug!(%remote, error = %e, "connection ended with an error");
                     }
                 });
@@ -216,10 +241,13 @@ async fn accept_loop(listener: TcpListener, state: Arc<State>, mut stopped: ones
         }
     }
     drop(listener);
-    if tokio::time::timeout(DRAIN, graceful.shutdown())
-        .await
-        .is_err()
-    {
+    drop(drain_rx);
+    let _ = drain.send(true);
+    let drained = async {
+        drain.closed().await;
+        graceful.shutdown().await;
+    };
+    if tokio::time::timeout(DRAIN, drained).await.is_err() {
         tracing::warn!("gateway connections still open after {DRAIN:?}; closing");
     }
 }
