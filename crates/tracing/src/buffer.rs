@@ -1,7 +1,7 @@
 //! The embedded default: recent sampled spans kept in memory, bounded, grouped by trace,
 //! and read back as trace lists and waterfall views (see [`admin`](crate::admin)).
 
-use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -14,8 +14,12 @@ use serde::Serialize;
 /// A bounded in-memory store of recent spans, shared by clones (and by several tracers, so
 /// one admin view shows every service of the process).
 ///
-/// Holds at most `max_spans` spans; when full, whole traces are evicted oldest first (the
-/// oldest spans of a trace go only when that trace alone exceeds the bound).
+/// Holds at most `max_spans` spans in the order they ended. When full, the oldest span goes,
+/// together with the spans of its trace filed right after it: the spans of one request in
+/// one process end together, so a trace is seldom left in part. (A trace larger than the
+/// whole buffer keeps its newest spans.) Filing a span is a push onto
+/// a ring with no index to maintain, so it costs the same whatever the buffer holds; the
+/// views (trace list, waterfall, services) group the spans by trace when they are asked for.
 #[derive(Clone, Debug)]
 pub struct TraceBuffer {
     inner: Arc<Mutex<Inner>>,
@@ -24,9 +28,8 @@ pub struct TraceBuffer {
 #[derive(Debug)]
 struct Inner {
     max_spans: usize,
-    spans: usize,
-    order: VecDeque<TraceId>,
-    traces: HashMap<TraceId, VecDeque<Stored>>,
+    /// Oldest first.
+    spans: VecDeque<Stored>,
 }
 
 /// One held span. The parts the trace list needs are plain fields; the name, tags, logs,
@@ -37,6 +40,7 @@ struct Inner {
 /// of requests later; evicting frees one block.
 #[derive(Debug)]
 struct Stored {
+    trace_id: TraceId,
     service: Arc<str>,
     span_id: SpanId,
     parent_span_id: SpanId,
@@ -55,6 +59,7 @@ const SERVICE_TAGS: [&str; 2] = ["trellis.service", "peer.service"];
 impl Stored {
     fn new(service: Arc<str>, data: SpanData) -> Self {
         Stored {
+            trace_id: data.span_context.trace_id(),
             service,
             span_id: data.span_context.span_id(),
             parent_span_id: data.parent_span_id,
@@ -288,9 +293,7 @@ impl TraceBuffer {
         TraceBuffer {
             inner: Arc::new(Mutex::new(Inner {
                 max_spans: max_spans.max(1),
-                spans: 0,
-                order: VecDeque::new(),
-                traces: HashMap::new(),
+                spans: VecDeque::new(),
             })),
         }
     }
@@ -301,12 +304,14 @@ impl TraceBuffer {
 
     /// Spans held now.
     pub fn span_count(&self) -> usize {
-        self.lock().spans
+        self.lock().spans.len()
     }
 
     /// Traces held now.
     pub fn trace_count(&self) -> usize {
-        self.lock().order.len()
+        let inner = self.lock();
+        let ids: HashSet<TraceId> = inner.spans.iter().map(|s| s.trace_id).collect();
+        ids.len()
     }
 
     /// Most spans held.
@@ -330,70 +335,69 @@ impl TraceBuffer {
 
 impl Inner {
     fn record(&mut self, service: Arc<str>, data: SpanData) {
-        let trace_id = data.span_context.trace_id();
-        let inner = self;
-        match inner.traces.get_mut(&trace_id) {
-            Some(spans) => spans.push_back(Stored::new(service, data)),
-            None => {
-                // Room for a server span and its client span (a gateway's trace) without
-                // growing.
-                let mut spans = VecDeque::with_capacity(2);
-                spans.push_back(Stored::new(service, data));
-                inner.traces.insert(trace_id, spans);
-                inner.order.push_back(trace_id);
+        let stored = Stored::new(service, data);
+        if self.spans.len() >= self.max_spans
+            && let Some(oldest) = self.spans.pop_front()
+            // A trace larger than the whole buffer keeps its newest spans.
+            && oldest.trace_id != stored.trace_id
+        {
+            while self
+                .spans
+                .front()
+                .is_some_and(|next| next.trace_id == oldest.trace_id)
+            {
+                self.spans.pop_front();
             }
         }
-        inner.spans += 1;
-        while inner.spans > inner.max_spans {
-            if inner.order.len() > 1 {
-                if let Some(oldest) = inner.order.pop_front()
-                    && let Some(spans) = inner.traces.remove(&oldest)
-                {
-                    inner.spans -= spans.len();
-                }
-            } else if let Some(spans) = inner.traces.get_mut(&trace_id) {
-                spans.pop_front();
-                inner.spans -= 1;
-            } else {
-                break;
+        self.spans.push_back(stored);
+    }
+
+    /// The held spans grouped by trace, the trace with the latest filed span first.
+    fn traces(&self) -> Vec<(TraceId, Vec<&Stored>)> {
+        let mut index: HashMap<TraceId, usize> = HashMap::new();
+        let mut traces: Vec<(TraceId, Vec<&Stored>)> = Vec::new();
+        for span in self.spans.iter().rev() {
+            let at = *index.entry(span.trace_id).or_insert_with(|| {
+                traces.push((span.trace_id, Vec::new()));
+                traces.len() - 1
+            });
+            if let Some((_, spans)) = traces.get_mut(at) {
+                spans.push(span);
             }
         }
+        traces
     }
 }
 
 impl TraceBuffer {
     /// The most recent traces first, at most `limit`, only those with a span of `service`
-    /// when given.
+    /// when given. A trace is as recent as the last of its spans to end.
     pub fn recent(&self, service: Option<&str>, limit: usize) -> Vec<TraceSummary> {
         let inner = self.lock();
         inner
-            .order
-            .iter()
-            .rev()
-            .filter_map(|id| inner.traces.get(id).map(|spans| (id, spans)))
+            .traces()
+            .into_iter()
             .filter(|(_, spans)| service.is_none_or(|s| spans.iter().any(|sp| sp.touches(s))))
             .take(limit)
-            .map(|(id, spans)| summary(*id, spans))
+            .map(|(id, spans)| summary(id, &spans))
             .collect()
     }
 
     /// One trace as a waterfall, or `None` when it is not (or no longer) held.
     pub fn trace(&self, trace_id: TraceId) -> Option<TraceView> {
         let inner = self.lock();
-        inner
-            .traces
-            .get(&trace_id)
-            .map(|spans| view(trace_id, spans))
+        let spans: Vec<&Stored> = inner
+            .spans
+            .iter()
+            .filter(|s| s.trace_id == trace_id)
+            .collect();
+        (!spans.is_empty()).then(|| view(trace_id, &spans))
     }
 
     /// Every service name seen in the held spans, sorted.
     pub fn services(&self) -> Vec<String> {
         let inner = self.lock();
-        let set: BTreeSet<&str> = inner
-            .traces
-            .values()
-            .flat_map(|spans| spans.iter().map(|s| &*s.service))
-            .collect();
+        let set: BTreeSet<&str> = inner.spans.iter().map(|s| &*s.service).collect();
         set.into_iter().map(str::to_owned).collect()
     }
 }
@@ -513,7 +517,7 @@ fn micros_between(from: SystemTime, to: SystemTime) -> u64 {
         .unwrap_or(u64::MAX)
 }
 
-fn bounds(spans: &VecDeque<Stored>) -> (SystemTime, SystemTime) {
+fn bounds(spans: &[&Stored]) -> (SystemTime, SystemTime) {
     let start = spans
         .iter()
         .map(|s| s.start_time)
@@ -523,13 +527,13 @@ fn bounds(spans: &VecDeque<Stored>) -> (SystemTime, SystemTime) {
     (start, end)
 }
 
-fn services(spans: &VecDeque<Stored>) -> Vec<String> {
+fn services(spans: &[&Stored]) -> Vec<String> {
     let set: BTreeSet<&str> = spans.iter().map(|s| &*s.service).collect();
     set.into_iter().map(str::to_owned).collect()
 }
 
-fn summary(trace_id: TraceId, spans: &VecDeque<Stored>) -> TraceSummary {
-    let held: std::collections::HashSet<SpanId> = spans.iter().map(|s| s.span_id).collect();
+fn summary(trace_id: TraceId, spans: &[&Stored]) -> TraceSummary {
+    let held: HashSet<SpanId> = spans.iter().map(|s| s.span_id).collect();
     let root = spans
         .iter()
         .filter(|s| !held.contains(&s.parent_span_id))
@@ -577,7 +581,7 @@ fn kind_name(kind: &SpanKind) -> &'static str {
     }
 }
 
-fn view(trace_id: TraceId, spans: &VecDeque<Stored>) -> TraceView {
+fn view(trace_id: TraceId, spans: &[&Stored]) -> TraceView {
     let (start, end) = bounds(spans);
     let all_services = services(spans);
     let parents: HashMap<SpanId, SpanId> = spans
@@ -595,7 +599,7 @@ fn view(trace_id: TraceId, spans: &VecDeque<Stored>) -> TraceView {
         }
         depth
     };
-    let mut ordered: Vec<&Stored> = spans.iter().collect();
+    let mut ordered: Vec<&Stored> = spans.to_vec();
     ordered.sort_by_key(|s| s.start_time);
     let spans: Vec<SpanView> = ordered
         .into_iter()
@@ -764,7 +768,7 @@ mod tests {
         span.log("event");
         span.finish();
         let inner = buffer.lock();
-        let stored = inner.traces.values().next().unwrap().front().unwrap();
+        let stored = inner.spans.front().unwrap();
         let whole = stored.packed.unpack();
         assert_eq!(
             (whole.name, whole.attributes.len(), whole.events.len()),
@@ -780,6 +784,61 @@ mod tests {
             );
             assert_ne!(part, whole, "{cut}");
         }
+    }
+
+    #[test]
+    fn the_oldest_trace_goes_whole_and_interleaved_traces_are_grouped() {
+        let buffer = TraceBuffer::new(5);
+        let tracer = DistributedTracer::builder("svc")
+            .buffer(buffer.clone())
+            .build()
+            .unwrap();
+        // Two spans per trace, child ended first, as a request's spans end.
+        let trace = |name: &str| {
+            let root = tracer.start_span(format!("{name} root"));
+            tracer.start_child(format!("{name} child"), &root).finish();
+            let id = root.span_context().trace_id();
+            root.finish();
+            id
+        };
+        let a = trace("a");
+        let b = trace("b");
+        assert_eq!((buffer.span_count(), buffer.trace_count()), (4, 2));
+        // Full at c's second span: both of a's go, not just its first.
+        let c = trace("c");
+        assert_eq!((buffer.span_count(), buffer.trace_count()), (4, 2));
+        assert!(buffer.trace(a).is_none());
+        let names: Vec<_> = buffer
+            .recent(None, 10)
+            .into_iter()
+            .map(|t| t.root_name)
+            .collect();
+        assert_eq!(names, ["c root", "b root"]);
+        assert_eq!(buffer.trace(c).unwrap().spans.len(), 2);
+        assert_eq!(buffer.trace(b).unwrap().spans[1].depth, 1);
+
+        // Spans of two traces ending in turn: each view holds its own; the trace whose
+        // span ended last is listed first.
+        let buffer = TraceBuffer::new(10);
+        let tracer = DistributedTracer::builder("svc")
+            .buffer(buffer.clone())
+            .build()
+            .unwrap();
+        let x = tracer.start_span("x root");
+        let y = tracer.start_span("y root");
+        let (x_id, y_id) = (x.span_context().trace_id(), y.span_context().trace_id());
+        tracer.start_child("x child", &x).finish();
+        y.finish();
+        x.finish();
+        let names: Vec<_> = buffer
+            .recent(None, 10)
+            .into_iter()
+            .map(|t| (t.root_name, t.span_count))
+            .collect();
+        assert_eq!(names, [("x root".to_owned(), 2), ("y root".to_owned(), 1)]);
+        assert_eq!(buffer.trace(x_id).unwrap().spans.len(), 2);
+        assert_eq!(buffer.trace(y_id).unwrap().spans.len(), 1);
+        assert_eq!(buffer.recent(None, 1).len(), 1);
     }
 
     #[test]
