@@ -39,10 +39,14 @@
 //! headers: 183 ns at rate 0 (SDK path 1.2 µs), 349 ns on average at rate 0.1 (SDK path
 //! 1.5 µs). Callgrind, user-space instructions per request of a whole `trellis up` node
 //! proxying to nginx: tracing off 44.6k, rate 0 46.6k (the build before recorded spans;
-//! the unsampled path is the same), rate 0.1 47.8k, rate 1.0 57.9k. At
-//! rate 0.1 the sampled requests cost several times what their instructions cost at 1.0:
-//! their code and the trace buffer's memory are cold (see the README's performance
-//! section).
+//! the unsampled path is the same), rate 0.1 47.8k, rate 1.0 57.9k (session 5's gateway).
+//! In the gateway benchmark (README, performance section) rate 0.1 costs 3.9–6.5% of the
+//! requests per second, most of it the fixed cost every traced request pays (ids, the
+//! sampling decision, trace headers read and written), as rate 0 costs 3.5–4.9%.
+//!
+//! The trace buffer keeps spans in one ring in the order they ended, each as a few plain
+//! fields and one encoded block (name, tags, logs, links); filing a span is a push with no
+//! index to update, and the views group and decode spans only when asked.
 //!
 //! Why spans are cheap: the sampling decision comes first. A root the ratio drops, or a
 //! child of an unsampled parent, is no OpenTelemetry span — only its ids (from a
