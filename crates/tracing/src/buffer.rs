@@ -17,9 +17,9 @@ use serde::Serialize;
 /// Holds at most `max_spans` spans in the order they ended. When full, the oldest span goes,
 /// together with the spans of its trace filed right after it: the spans of one request in
 /// one process end together, so a trace is seldom left in part. (A trace larger than the
-/// whole buffer keeps its newest spans.) Filing a span is a push onto
-/// a ring with no index to maintain, so it costs the same whatever the buffer holds; the
-/// views (trace list, waterfall, services) group the spans by trace when they are asked for.
+/// whole buffer keeps its newest spans.) Filing a span is a push onto a ring with no index
+/// to maintain, so it costs the same whatever the buffer holds; the views (trace list,
+/// waterfall, services) group the spans by trace when they are asked for.
 #[derive(Clone, Debug)]
 pub struct TraceBuffer {
     inner: Arc<Mutex<Inner>>,
@@ -178,7 +178,9 @@ impl<'a> Unpacked<'a> {
             let name = r.str()?;
             let secs = u64::from_le_bytes(r.array()?);
             let nanos = u32::from_le_bytes(r.array()?);
-            let at = UNIX_EPOCH + Duration::new(secs, nanos);
+            let at = Duration::from_secs(secs)
+                .checked_add(Duration::from_nanos(nanos.into()))
+                .and_then(|since| UNIX_EPOCH.checked_add(since))?;
             let mut tags = Vec::new();
             r.tags(&mut tags)?;
             self.events.push((name, at, tags));
