@@ -17,7 +17,7 @@ use trellis_admin::{Node, Settings};
 /// `malloc_consolidate`), which made a traced request at sampling 0.1 cost more than one at
 /// 1.0 (see the README's performance section). mimalloc keeps a free list per size class
 /// and page, with no merging on the way. Built without transparent huge pages
-/// (`no_thp`): with them an idle node held 35 MB resident instead of 25 MB.
+/// (`no_thp`): with them an idle node held 35 MB resident instead of 28 MB.
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
