@@ -109,7 +109,7 @@ pub(crate) struct Head {
 }
 
 /// Offsets of one header in the head (name start, name end, value start, value end).
-type Indices = (usize, usize, usize, usize);
+pub(crate) type Indices = (usize, usize, usize, usize);
 
 /// Skips the empty lines allowed before a request line (RFC 9112 §2.2).
 fn skip_empty_lines(buf: &mut BytesMut) {
@@ -163,16 +163,8 @@ pub(crate) fn parse_head(
     } else {
         Version::HTTP_11
     };
-    scratch.clear();
-    for h in request.headers.iter() {
-        let (Some(name), Some(value)) = (
-            span(&buf[..used], h.name.as_bytes()),
-            span(&buf[..used], h.value),
-        ) else {
-            return Err(HeadError::BadRequest("malformed request head"));
-        };
-        scratch.push((name.0, name.1, value.0, value.1));
-    }
+    header_indices(&buf[..used], request.headers, scratch)
+        .ok_or(HeadError::BadRequest("malformed request head"))?;
     let head = buf.split_to(used).freeze();
     let uri = if path.1 - path.0 == 1 && head[path.0] == b'/' {
         Uri::from_static("/")
@@ -264,6 +256,22 @@ pub(crate) fn parse_head(
         expect_continue: expect_continue && version == Version::HTTP_11,
         upgrade,
     }))
+}
+
+/// Where each header's name and value (slices httparse returned) lie in `head`, replacing
+/// what `into` held; `None` when one does not lie in it.
+pub(crate) fn header_indices(
+    head: &[u8],
+    headers: &[httparse::Header<'_>],
+    into: &mut Vec<Indices>,
+) -> Option<()> {
+    into.clear();
+    for h in headers {
+        let name = span(head, h.name.as_bytes())?;
+        let value = span(head, h.value)?;
+        into.push((name.0, name.1, value.0, value.1));
+    }
+    Some(())
 }
 
 /// Where `part` (a slice the parser returned) lies in `buf`: start and end offsets.

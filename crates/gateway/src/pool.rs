@@ -35,7 +35,7 @@ use http_body_util::BodyExt;
 use hyper::body::{Body as HttpBody, Frame, SizeHint};
 use tokio::net::TcpStream;
 
-use crate::h1::{Decoded, Decoder, Framing, span};
+use crate::h1::{Decoded, Decoder, Framing, header_indices};
 use crate::proxy::{Body, BoxError};
 
 /// Most headers accepted in a response head.
@@ -471,16 +471,9 @@ fn parse_response(buf: &mut BytesMut, head_request: bool) -> Result<Option<Parse
     } else {
         Version::HTTP_11
     };
-    let mut indices: Vec<(usize, usize, usize, usize)> = Vec::with_capacity(response.headers.len());
-    for h in response.headers.iter() {
-        let (Some(name), Some(value)) = (
-            span(&buf[..used], h.name.as_bytes()),
-            span(&buf[..used], h.value),
-        ) else {
-            return Err(ClientError::Malformed("invalid response head"));
-        };
-        indices.push((name.0, name.1, value.0, value.1));
-    }
+    let mut indices = Vec::with_capacity(response.headers.len());
+    header_indices(&buf[..used], response.headers, &mut indices)
+        .ok_or(ClientError::Malformed("invalid response head"))?;
     let head = buf.split_to(used).freeze();
     let mut map = HeaderMap::with_capacity(indices.len() + 4);
     let mut length = None;
