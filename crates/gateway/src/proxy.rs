@@ -30,6 +30,7 @@ use trellis_tracing::opentelemetry::KeyValue;
 use trellis_tracing::{DistributedTracer, HttpServerSpan};
 
 use crate::config::{GatewayConfig, Limits, UpstreamProtocol};
+use crate::h1::{HeadInfo, is_hop_by_hop};
 use crate::metrics::AttemptStatus;
 use crate::route::{Route, RouteTable, Upstream, check_path};
 
@@ -331,7 +332,7 @@ pub(crate) async fn handle<B>(
     state: Arc<State>,
     request: Request<B>,
     peer: Arc<Peer>,
-    ambiguous_framing: bool,
+    info: HeadInfo,
 ) -> Result<Response<Body>, Infallible>
 where
     B: hyper::body::Body<Data = Bytes> + Send + Sync + 'static,
@@ -347,7 +348,7 @@ where
         tracer.http_server_span(request.method(), request.uri().path(), request.headers())
     });
     let mut matched = None;
-    let forwarded = if ambiguous_framing {
+    let forwarded = if info.ambiguous {
         // See `h1`: the request's body length is ambiguous; never forwarded.
         Err(Refusal::BadRequest(
             "request has both Content-Length and Transfer-Encoding".into(),
@@ -357,10 +358,13 @@ where
             &state,
             &table,
             request,
-            &peer,
-            &request_id,
+            Incoming {
+                peer: &peer,
+                request_id: &request_id,
+                span: span.as_ref(),
+                hop_by_hop: info.hop_by_hop,
+            },
             &mut matched,
-            span.as_ref(),
         )
         .await
     };
@@ -502,19 +506,33 @@ fn splice(client: hyper::upgrade::OnUpgrade, upstream: hyper::upgrade::OnUpgrade
     });
 }
 
+/// Who sent a request and what is known of it besides its parts.
+struct Incoming<'a> {
+    peer: &'a Peer,
+    request_id: &'a HeaderValue,
+    /// The server span, when tracing.
+    span: Option<&'a HttpServerSpan>,
+    /// Whether the head may hold hop-by-hop headers (see [`HeadInfo`]).
+    hop_by_hop: bool,
+}
+
 async fn forward<B>(
     state: &State,
     table: &RouteTable,
     request: Request<B>,
-    peer: &Peer,
-    request_id: &HeaderValue,
+    incoming: Incoming<'_>,
     matched: &mut Option<Matched>,
-    span: Option<&HttpServerSpan>,
 ) -> Result<Response<Body>, Refusal>
 where
     B: hyper::body::Body<Data = Bytes> + Send + Sync + 'static,
     B::Error: Into<BoxError>,
 {
+    let Incoming {
+        peer,
+        request_id,
+        span,
+        hop_by_hop,
+    } = incoming;
     let remote = peer.addr;
     let (mut parts, body) = request.into_parts();
     let path = parts.uri.path();
@@ -562,44 +580,42 @@ where
     for name in &state.claim_headers {
         parts.headers.remove(name);
     }
-    let mut subject = None;
+    let mut claims = None;
     if route.authenticate {
         let Some(verifier) = &state.verifier else {
             return Err(Refusal::Forbidden(
                 "authentication is not configured".into(),
             ));
         };
-        let claims = verifier
+        let verified = verifier
             .verify_request(&parts.headers)
             .await
             .map_err(Refusal::Unauthorized)?;
         if route.authorize
             && let Some(rule) = &route.config.authorization
         {
-            rule.authorize(&claims)
+            rule.authorize(&verified)
                 .map_err(|e| Refusal::Forbidden(e.to_string()))?;
         }
         for (name, value) in verifier
-            .forward_headers(&claims)
+            .forward_headers(&verified)
             .map_err(Refusal::Unauthorized)?
         {
             parts.headers.insert(name, value);
         }
-        subject = claims.subject().map(str::to_owned);
+        claims = Some(verified);
     }
 
     let mut rate_info = None;
     if let (Some(class), Some(limiter)) = (&route.rate_class, &table.limiter) {
-        let key = subject
-            .clone()
-            .or_else(|| {
-                parts
-                    .headers
-                    .get("x-api-key")
-                    .and_then(|v| v.to_str().ok())
-                    .map(|k| format!("key:{k}"))
-            })
-            .unwrap_or_else(|| remote.ip().to_string());
+        // Keyed by the JWT subject, else the API key, else the client's address.
+        let key: std::borrow::Cow<'_, str> = match claims.as_ref().and_then(|c| c.subject()) {
+            Some(subject) => subject.into(),
+            None => match parts.headers.get("x-api-key").and_then(|v| v.to_str().ok()) {
+                Some(api_key) => format!("key:{api_key}").into(),
+                None => remote.ip().to_string().into(),
+            },
+        };
         let class = (class != "default").then_some(class.as_str());
         rate_info = Some(limiter.check(class, &key).map_err(Refusal::RateLimited)?);
     }
@@ -651,6 +667,9 @@ where
     } else {
         http::Version::HTTP_11
     };
+    if hop_by_hop {
+        strip_hop_by_hop(&mut parts.headers);
+    }
     forward_headers(&mut parts.headers, peer, host.as_ref(), request_id);
     if let Some(protocol) = upgrade_protocol {
         parts.headers.insert(header::UPGRADE, protocol);
@@ -734,7 +753,9 @@ where
         let client_span = match (&state.tracer, span) {
             (Some(tracer), Some(server)) => {
                 server.set_upstream(picked.endpoint().shared_id());
-                remove_trace_headers(&mut upstream_parts.headers);
+                if server.carried_context() {
+                    remove_trace_headers(&mut upstream_parts.headers);
+                }
                 // The URL is a tag: formatted only for a recorded trace.
                 let url = if server.is_recording() {
                     let authority = picked.value().authority.as_str();
@@ -881,7 +902,10 @@ where
         return Ok(Response::from_parts(parts, empty()));
     }
     let (mut parts, body) = response.into_parts();
-    strip_hop_by_hop(&mut parts.headers);
+    if !use_pool {
+        // (The pool's codec leaves them out of the answers it reads.)
+        strip_hop_by_hop(&mut parts.headers);
+    }
     if let Some(info) = &rate_info {
         insert_rate_limit_headers(&mut parts.headers, info);
     }
@@ -1018,11 +1042,8 @@ static TRACE_HEADERS: [HeaderName; 9] = [
 ];
 
 fn remove_trace_headers(headers: &mut HeaderMap) {
-    // Most requests carry none: one pass over the (few) header names, no hashing.
-    if headers.keys().any(trellis_tracing::is_trace_header) {
-        for name in &TRACE_HEADERS {
-            headers.remove(name);
-        }
+    for name in &TRACE_HEADERS {
+        headers.remove(name);
     }
 }
 
@@ -1031,7 +1052,9 @@ fn strip_hop_by_hop(headers: &mut HeaderMap) {
     // none, most responses only `Connection: keep-alive`.
     let mut present = 0u16;
     for name in headers.keys() {
-        if let Some(i) = HOP_BY_HOP.iter().position(|hop| hop == name) {
+        if is_hop_by_hop(name)
+            && let Some(i) = HOP_BY_HOP.iter().position(|hop| hop == name)
+        {
             present |= 1 << i;
         }
     }
@@ -1074,7 +1097,6 @@ fn forward_headers(
     host: Option<&HeaderValue>,
     request_id: &HeaderValue,
 ) {
-    strip_hop_by_hop(headers);
     headers.remove(header::HOST);
     let forwarded_for = match headers.get(X_FORWARDED_FOR).and_then(|v| v.to_str().ok()) {
         Some(previous) => {

@@ -20,6 +20,8 @@ use crate::tracer::{DistributedTracer, Span};
 pub struct HttpServerSpan {
     span: Span,
     method: Method,
+    /// Whether the request carried any trace context header (W3C or B3).
+    carried_context: bool,
 }
 
 /// A client span for one outgoing request (kind `client`); its context is already in the
@@ -39,18 +41,21 @@ impl DistributedTracer {
         path: &str,
         headers: &HeaderMap,
     ) -> HttpServerSpan {
+        // Most requests carry no trace headers at all: one pass over the (few) names.
+        let carried_context = headers.keys().any(crate::is_trace_header);
         if !self.is_enabled() {
             return HttpServerSpan {
                 span: self.span("").start(),
                 method: method.clone(),
+                carried_context,
             };
         }
-        let parent = if self.is_sdk_only() {
+        let parent = if carried_context {
             use opentelemetry::propagation::TextMapPropagator as _;
             self.propagator()
                 .extract_with_context(&Context::new(), &crate::HeaderExtractor(headers))
         } else {
-            self.propagator().extract_headers(headers)
+            Context::new()
         };
         // Tags only when recorded: an unsampled request allocates nothing for them.
         let span = self
@@ -64,6 +69,7 @@ impl DistributedTracer {
         HttpServerSpan {
             span,
             method: method.clone(),
+            carried_context,
         }
     }
 
@@ -206,6 +212,13 @@ fn method_name(method: &Method) -> Cow<'static, str> {
 }
 
 impl HttpServerSpan {
+    /// Whether the request carried a trace context header (`traceparent`, `tracestate`,
+    /// `baggage`, `b3` or `x-b3-*`), well-formed or not: a proxy replaces them upstream
+    /// with its client span's, and may skip looking for them when there were none.
+    pub fn carried_context(&self) -> bool {
+        self.carried_context
+    }
+
     /// Records the matched route template (`/users/{id}`) and names the span
     /// `METHOD route`.
     pub fn set_route(&self, route: impl TagText) {

@@ -180,10 +180,10 @@ impl DistributedTracer {
     pub fn span(&self, name: impl Into<Cow<'static, str>>) -> SpanStart<'_> {
         SpanStart {
             tracer: self,
-            builder: self
-                .inner
-                .as_ref()
-                .map(|_| SpanBuilder::from_name(name.into())),
+            name: name.into(),
+            kind: None,
+            attributes: None,
+            links: None,
             parent: Parent::Current,
         }
     }
@@ -417,8 +417,14 @@ const SCOPE: &str = "trellis-tracing";
 #[must_use = "call .start() to start the span"]
 pub struct SpanStart<'a> {
     tracer: &'a DistributedTracer,
-    /// `None` when the tracer is disabled: nothing is collected.
-    builder: Option<SpanBuilder>,
+    // The SDK's `SpanBuilder` (some 300 bytes) is made only for a span that is recorded:
+    // an unsampled span is its ids alone, and these few fields are all it carries until
+    // the sampling decision.
+    name: Cow<'static, str>,
+    kind: Option<SpanKind>,
+    /// Tags set at start; none are kept when the tracer is disabled.
+    attributes: Option<Vec<KeyValue>>,
+    links: Option<Vec<Link>>,
     parent: Parent,
 }
 
@@ -472,16 +478,14 @@ impl SpanStart<'_> {
 
     /// Span kind. Defaults to internal.
     pub fn kind(mut self, kind: SpanKind) -> Self {
-        if let Some(b) = &mut self.builder {
-            b.span_kind = Some(kind);
-        }
+        self.kind = Some(kind);
         self
     }
 
     /// A tag set at start (visible to the sampler).
     pub fn tag(mut self, key: impl Into<Key>, value: impl Into<Value>) -> Self {
-        if let Some(b) = &mut self.builder {
-            b.attributes
+        if self.tracer.inner.is_some() {
+            self.attributes
                 .get_or_insert_with(Vec::new)
                 .push(KeyValue::new(key, value));
         }
@@ -490,10 +494,8 @@ impl SpanStart<'_> {
 
     /// Links the span to another one (for example the producer of an event).
     pub fn link(mut self, span_context: SpanContext) -> Self {
-        if let Some(b) = &mut self.builder
-            && span_context.is_valid()
-        {
-            b.links
+        if self.tracer.inner.is_some() && span_context.is_valid() {
+            self.links
                 .get_or_insert_with(Vec::new)
                 .push(Link::with_context(span_context));
         }
@@ -515,37 +517,47 @@ impl SpanStart<'_> {
     /// recorded: an unsampled span allocates nothing for them, and a recorded one gets
     /// them with its start instead of a locked [`Span::set_tag`] each.
     pub fn start_with_tags(self, tags: impl FnOnce(&mut Vec<KeyValue>)) -> Span {
-        let (Some(inner), Some(mut builder)) = (&self.tracer.inner, self.builder) else {
+        let Some(inner) = &self.tracer.inner else {
             return Span::disabled();
         };
-        // Room for the tags set later too.
-        let add_tags = |builder: &mut SpanBuilder| {
-            let attributes = builder.attributes.get_or_insert_with(Vec::new);
+        let SpanStart {
+            name,
+            kind,
+            attributes,
+            links,
+            parent,
+            ..
+        } = self;
+        // The SDK's builder, with room for the tags set later too.
+        let builder = move || {
+            let mut builder = SpanBuilder::from_name(name);
+            builder.span_kind = kind;
+            builder.links = links;
+            let mut attributes = attributes.unwrap_or_default();
             attributes.reserve(RECORDED_TAGS);
-            tags(attributes);
+            tags(&mut attributes);
+            builder.attributes = Some(attributes);
+            builder
         };
-        let parent = match self.parent {
+        let parent = match parent {
             Parent::Ids { sc, base } if !inner.sdk_only => {
                 if !sc.is_sampled() {
                     return Span::unsampled(child_context(&sc), base);
                 }
-                add_tags(&mut builder);
-                return Span::recorded(inner, builder, &sc, sc.trace_id(), base);
+                return Span::recorded(inner, builder(), &sc, sc.trace_id(), base);
             }
             Parent::Ids { sc, base } => base.with_remote_span_context(sc),
             Parent::Context(cx) => cx,
             Parent::Current => Context::current(),
         };
         if inner.sdk_only || parent.is_telemetry_suppressed() {
-            add_tags(&mut builder);
-            return Span::sdk(inner, builder, parent);
+            return Span::sdk(inner, builder(), parent);
         }
         let span = parent.span();
         let psc = span.span_context();
         if psc.is_valid() {
             if psc.is_sampled() {
-                add_tags(&mut builder);
-                return Span::recorded(inner, builder, psc, psc.trace_id(), parent.clone());
+                return Span::recorded(inner, builder(), psc, psc.trace_id(), parent.clone());
             }
             // Parent-based: a child of an unsampled span is not sampled either.
             let sc = child_context(psc);
@@ -553,8 +565,7 @@ impl SpanStart<'_> {
         }
         let trace_id = ids::trace_id();
         if inner.ratio.keeps(trace_id) {
-            add_tags(&mut builder);
-            return Span::recorded(inner, builder, psc, trace_id, parent.clone());
+            return Span::recorded(inner, builder(), psc, trace_id, parent.clone());
         }
         let sc = SpanContext::new(
             trace_id,
