@@ -1,5 +1,6 @@
 //! Verified claims, and the checks on them: `exp`, `nbf`, `iss`, `aud`, required claims.
 
+use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use serde_json::{Map, Value};
@@ -12,8 +13,16 @@ use crate::keys::JwtAlgorithm;
 /// `roles` come from the configured roles claim (`roles` by default: a list of strings or a
 /// single string); `scopes` from `scope` (space-separated, OAuth 2.0), `scp` (a list or a
 /// space-separated string) and `scopes` (a list), merged without duplicates.
+///
+/// Cheap to clone: the claims are shared (a token remembered by the verifier hands out
+/// the same claims to each request that repeats it).
 #[derive(Debug, Clone, PartialEq)]
 pub struct Claims {
+    data: Arc<ClaimsData>,
+}
+
+#[derive(Debug, PartialEq)]
+struct ClaimsData {
     raw: Map<String, Value>,
     roles: Vec<String>,
     scopes: Vec<String>,
@@ -24,62 +33,65 @@ pub struct Claims {
 impl Claims {
     /// `sub`, when it is a string.
     pub fn subject(&self) -> Option<&str> {
-        self.raw.get("sub").and_then(Value::as_str)
+        self.data.raw.get("sub").and_then(Value::as_str)
     }
 
     /// `iss`, when it is a string.
     pub fn issuer(&self) -> Option<&str> {
-        self.raw.get("iss").and_then(Value::as_str)
+        self.data.raw.get("iss").and_then(Value::as_str)
     }
 
     /// `exp` as a time, when present.
     pub fn expires_at(&self) -> Option<SystemTime> {
-        self.raw.get("exp").and_then(numeric_date).map(to_time)
+        self.data.raw.get("exp").and_then(numeric_date).map(to_time)
     }
 
     /// The roles, in token order, without duplicates.
     pub fn roles(&self) -> &[String] {
-        &self.roles
+        &self.data.roles
     }
 
     /// The scopes, in token order, without duplicates.
     pub fn scopes(&self) -> &[String] {
-        &self.scopes
+        &self.data.scopes
     }
 
     /// Whether the token holds `role`.
     pub fn has_role(&self, role: &str) -> bool {
-        self.roles.iter().any(|r| r == role)
+        self.data.roles.iter().any(|r| r == role)
     }
 
     /// Whether the token holds `scope`.
     pub fn has_scope(&self, scope: &str) -> bool {
-        self.scopes.iter().any(|s| s == scope)
+        self.data.scopes.iter().any(|s| s == scope)
     }
 
     /// One claim, by name.
     pub fn get(&self, name: &str) -> Option<&Value> {
-        self.raw.get(name)
+        self.data.raw.get(name)
     }
 
     /// Every claim, as the token carried them.
     pub fn raw(&self) -> &Map<String, Value> {
-        &self.raw
+        &self.data.raw
     }
 
     /// Every claim, owned.
     pub fn into_raw(self) -> Map<String, Value> {
-        self.raw
+        match Arc::try_unwrap(self.data) {
+            Ok(data) => data.raw,
+            Err(shared) => shared.raw.clone(),
+        }
     }
 
     /// The algorithm the token was signed with.
     pub fn algorithm(&self) -> JwtAlgorithm {
-        self.algorithm
+        self.data.algorithm
     }
 
     /// The header's `kid`, when it had one.
     pub fn key_id(&self) -> Option<&str> {
-        self.key_id.as_deref()
+        self.data.key_id.as_deref()
     }
 }
 
@@ -264,11 +276,13 @@ impl ClaimRules {
             strings(&mut scopes, v, true);
         }
         Ok(Claims {
-            raw,
-            roles,
-            scopes,
-            algorithm,
-            key_id,
+            data: Arc::new(ClaimsData {
+                raw,
+                roles,
+                scopes,
+                algorithm,
+                key_id,
+            }),
         })
     }
 }

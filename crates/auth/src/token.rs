@@ -36,7 +36,13 @@ pub fn bearer_token(headers: &HeaderMap) -> Result<&str, AuthError> {
         .to_str()
         .map_err(|_| AuthError::Malformed("Authorization header is not visible ASCII".into()))?
         .trim();
-    let (scheme, rest) = text.split_once([' ', '\t']).unwrap_or((text, ""));
+    // Byte scans, not `char` patterns: the text is ASCII, and a token is a few hundred
+    // bytes checked on every request.
+    let is_blank = |b: &u8| *b == b' ' || *b == b'\t';
+    let (scheme, rest) = match text.bytes().position(|b| is_blank(&b)) {
+        Some(at) => (&text[..at], &text[at + 1..]),
+        None => (text, ""),
+    };
     if !scheme.eq_ignore_ascii_case("bearer") {
         if scheme.is_empty() {
             return Err(AuthError::MissingToken);
@@ -49,7 +55,7 @@ pub fn bearer_token(headers: &HeaderMap) -> Result<&str, AuthError> {
     if token.is_empty() {
         return Err(AuthError::MissingToken);
     }
-    if token.contains([' ', '\t']) {
+    if token.as_bytes().iter().any(is_blank) {
         return Err(AuthError::Malformed(
             "bearer token contains whitespace".into(),
         ));

@@ -40,8 +40,12 @@ struct Inner {
 /// cache is emptied and refilled.
 #[derive(Default)]
 struct VerifiedCache {
-    entries: Mutex<HashMap<Box<str>, Verified>>,
+    entries: Mutex<TokenMap>,
 }
+
+/// Looked up on every authenticated request; a collision costs only a longer probe (the
+/// whole token is compared), and only verified tokens are ever inserted.
+type TokenMap = HashMap<Box<str>, Verified, foldhash::quality::RandomState>;
 
 struct Verified {
     claims: Claims,
@@ -55,7 +59,7 @@ const VERIFIED_ENTRIES: usize = 1024;
 const VERIFIED_TOKEN_BYTES: usize = 4096;
 
 impl VerifiedCache {
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<Box<str>, Verified>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, TokenMap> {
         self.entries
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
@@ -154,6 +158,15 @@ impl JwtVerifier {
 
     /// Verifies the bearer token of a request's headers.
     pub async fn verify_request(&self, headers: &HeaderMap) -> Result<Claims, AuthError> {
+        // A remembered token is looked up before the header is checked byte by byte: only
+        // a token that passed every check is remembered, so `Bearer <token>` exactly as
+        // a client sends it finds it, and any other text takes the full path.
+        if let Some(token) = plain_bearer(headers) {
+            let inner = &*self.inner;
+            if let Some(claims) = inner.cached(token, inner.generation()) {
+                return claims;
+            }
+        }
         self.verify(bearer_token(headers)?).await
     }
 
@@ -228,6 +241,22 @@ impl JwtVerifier {
             Keys::Jwks(jwks) => jwks.refresh_now().await,
         }
     }
+}
+
+/// The text after `Bearer ` (any case, one space) in the only `Authorization` header;
+/// unchecked, for a lookup among verified tokens only.
+fn plain_bearer(headers: &HeaderMap) -> Option<&str> {
+    let mut values = headers.get_all(http::header::AUTHORIZATION).iter();
+    let value = values.next()?;
+    if values.next().is_some() {
+        return None;
+    }
+    let bytes = value.as_bytes();
+    let (scheme, token) = bytes.split_at_checked(7)?;
+    if !scheme[..6].eq_ignore_ascii_case(b"bearer") || scheme[6] != b' ' {
+        return None;
+    }
+    std::str::from_utf8(token).ok()
 }
 
 fn missing(jwks: &Jwks, keys: &[crate::keys::JwkKey], why: String) -> AuthError {

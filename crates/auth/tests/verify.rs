@@ -413,6 +413,47 @@ async fn verify_request_reads_the_bearer_header() {
     assert_eq!(e.www_authenticate(), "Bearer");
 }
 
+/// Once a token is remembered, requests that repeat it skip the signature check; the
+/// header around it is judged as before.
+#[tokio::test]
+async fn a_remembered_token_is_found_only_in_a_well_formed_header() {
+    let hs = hs_verifier();
+    let token = sign_hs(&claims(), SECRET.as_bytes());
+    let header = |text: &str| {
+        let mut headers = HeaderMap::new();
+        headers.insert(AUTHORIZATION, HeaderValue::from_str(text).unwrap());
+        headers
+    };
+    for text in [
+        format!("Bearer {token}"),
+        format!("bearer {token}"),
+        format!("Bearer   {token} "),
+        format!("Bearer\t{token}"),
+    ] {
+        for _ in 0..2 {
+            let claims = hs.verify_request(&header(&text)).await;
+            assert_eq!(claims.unwrap().subject(), Some("user-42"), "{text:?}");
+        }
+    }
+    // The same remembered token in headers that are refused without it.
+    let mut two = header(&format!("Bearer {token}"));
+    two.append(
+        AUTHORIZATION,
+        HeaderValue::from_str(&format!("Bearer {token}")).unwrap(),
+    );
+    let e = hs.verify_request(&two).await.unwrap_err();
+    assert_eq!(e.reason(), "malformed");
+    for (text, reason) in [
+        (format!("Bearer {token} x"), "malformed"),
+        (format!("Token {token}"), "bad_scheme"),
+        (format!("Bearer{token}"), "bad_scheme"),
+        (format!("Bearer {token}x"), "bad_signature"),
+    ] {
+        let e = hs.verify_request(&header(&text)).await.unwrap_err();
+        assert_eq!(e.reason(), reason, "{text:?}");
+    }
+}
+
 #[test]
 fn claims_are_forwarded_as_headers_and_line_breaks_are_refused() {
     let v = JwtVerifier::builder()

@@ -106,6 +106,40 @@ pub(crate) struct Head {
     pub(crate) expect_continue: bool,
     /// An `Upgrade` header or `CONNECT`: served by hyper.
     pub(crate) upgrade: bool,
+    /// Whether any hop-by-hop header is present (see [`is_hop_by_hop`]).
+    pub(crate) hop_by_hop: bool,
+}
+
+/// What the parser learnt about a request beyond its parts, handed to the service with
+/// it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct HeadInfo {
+    /// Both `Content-Length` and `Transfer-Encoding` (see [`Head::ambiguous`]).
+    pub(crate) ambiguous: bool,
+    /// Whether any hop-by-hop header is present; when not, a proxy has none to strip.
+    pub(crate) hop_by_hop: bool,
+}
+
+impl HeadInfo {
+    /// For a request another server parsed: nothing known, so everything is checked.
+    pub(crate) const UNKNOWN: HeadInfo = HeadInfo {
+        ambiguous: false,
+        hop_by_hop: true,
+    };
+}
+
+/// Whether `name` is a hop-by-hop header (RFC 9110 §7.6.1): it describes one connection
+/// and is never forwarded. (Headers that `Connection` names are hop-by-hop too.)
+pub(crate) fn is_hop_by_hop(name: &HeaderName) -> bool {
+    // The standard names compare as small integers; `keep-alive` is not one of `http`'s.
+    *name == header::CONNECTION
+        || *name == header::TRANSFER_ENCODING
+        || *name == header::UPGRADE
+        || *name == header::TE
+        || *name == header::TRAILER
+        || *name == header::PROXY_AUTHENTICATE
+        || *name == header::PROXY_AUTHORIZATION
+        || name.as_str() == "keep-alive"
 }
 
 /// Offsets of one header in the head (name start, name end, value start, value end).
@@ -181,6 +215,7 @@ pub(crate) fn parse_head(
     let mut keep_alive_token = false;
     let mut expect_continue = false;
     let mut upgrade = method == Method::CONNECT;
+    let mut hop_by_hop = false;
     for &(ns, ne, vs, ve) in scratch.iter() {
         let name = HeaderName::from_bytes(&head[ns..ne])
             .map_err(|_| HeadError::BadRequest("invalid header name"))?;
@@ -218,6 +253,7 @@ pub(crate) fn parse_head(
         } else if name == header::UPGRADE {
             upgrade = true;
         }
+        hop_by_hop |= is_hop_by_hop(&name);
         map.append(name, value);
     }
     let mut ambiguous = false;
@@ -255,6 +291,7 @@ pub(crate) fn parse_head(
         keep_alive,
         expect_continue: expect_continue && version == Version::HTTP_11,
         upgrade,
+        hop_by_hop,
     }))
 }
 
@@ -680,7 +717,7 @@ enum Next {
 }
 
 /// Serves HTTP/1.x requests on `stream` with `service` (which gets each request and
-/// whether its framing was ambiguous) until the connection closes, `shutdown` changes
+/// what the parser learnt about it, see [`HeadInfo`]) until the connection closes, `shutdown` changes
 /// (after the request in flight), or hyper has to take over.
 pub(crate) async fn serve<S, F>(
     stream: TcpStream,
@@ -689,7 +726,7 @@ pub(crate) async fn serve<S, F>(
     mut shutdown: watch::Receiver<bool>,
 ) -> Served
 where
-    S: FnMut(Request<RequestBody>, bool) -> F,
+    S: FnMut(Request<RequestBody>, HeadInfo) -> F,
     F: Future<Output = Response<Body>>,
 {
     let conn = Arc::new(Conn {
@@ -756,6 +793,7 @@ where
             ambiguous,
             keep_alive,
             expect_continue,
+            hop_by_hop,
             ..
         } = head;
         let head_request = parts.method == Method::HEAD;
@@ -798,7 +836,11 @@ where
             }
         };
         let request = Request::from_parts(parts, body);
-        let response = service(request, ambiguous).await;
+        let info = HeadInfo {
+            ambiguous,
+            hop_by_hop,
+        };
+        let response = service(request, info).await;
         let body_done = {
             let mut reader = conn.reader();
             reader.answered = true;
@@ -1291,6 +1333,29 @@ mod tests {
 
     #[test]
     fn framing_keep_alive_and_upgrades() {
+        // Which heads carry a hop-by-hop header (a proxy strips those only then).
+        for (head, hop_by_hop) in [
+            (
+                &b"GET / HTTP/1.1\r\nhost: a\r\nx-keep: 1\r\n\r\n"[..],
+                false,
+            ),
+            (b"GET / HTTP/1.1\r\nkeep-alive: 5\r\n\r\n", true),
+            (b"GET / HTTP/1.1\r\nTE: trailers\r\n\r\n", true),
+            (b"GET / HTTP/1.1\r\nproxy-authorization: x\r\n\r\n", true),
+            (b"GET / HTTP/1.1\r\nConnection: x-a\r\nx-a: 1\r\n\r\n", true),
+            (
+                b"POST / HTTP/1.1\r\ntransfer-encoding: chunked\r\n\r\n",
+                true,
+            ),
+        ] {
+            let parsed = parse(head).unwrap().unwrap();
+            assert_eq!(
+                parsed.hop_by_hop,
+                hop_by_hop,
+                "{}",
+                String::from_utf8_lossy(head)
+            );
+        }
         let both =
             parse(b"POST / HTTP/1.1\r\ntransfer-encoding: chunked\r\ncontent-length: 4\r\n\r\n")
                 .unwrap()
@@ -1451,7 +1516,8 @@ mod tests {
 
         /// Answers `METHOD URI ambiguous? body`; `/chunked` streams its answer in two
         /// pieces of unknown length, `/empty` answers 204.
-        async fn echo(request: Request<RequestBody>, ambiguous: bool) -> Response<Body> {
+        async fn echo(request: Request<RequestBody>, info: HeadInfo) -> Response<Body> {
+            let ambiguous = info.ambiguous;
             let (parts, body) = request.into_parts();
             let body = match body.collect().await {
                 Ok(collected) => String::from_utf8_lossy(&collected.to_bytes()).into_owned(),

@@ -35,7 +35,7 @@ use http_body_util::BodyExt;
 use hyper::body::{Body as HttpBody, Frame, SizeHint};
 use tokio::net::TcpStream;
 
-use crate::h1::{Decoded, Decoder, Framing, header_indices};
+use crate::h1::{Decoded, Decoder, Framing, header_indices, is_hop_by_hop};
 use crate::proxy::{Body, BoxError};
 
 /// Most headers accepted in a response head.
@@ -140,6 +140,10 @@ async fn write_all(io: &TcpStream, bytes: &[u8]) -> Result<(), (io::Error, usize
     Ok(())
 }
 
+/// Idle connections by upstream address, looked up twice per request (checkout and
+/// release): a fast hasher, the addresses being the registry's.
+type IdleMap = HashMap<Box<str>, Vec<Idle>, foldhash::fast::RandomState>;
+
 struct Idle {
     conn: Conn,
     since: Instant,
@@ -150,7 +154,7 @@ pub(crate) struct Pool {
     /// Keyed by the authority's text: `Authority`'s own `Hash` feeds the hasher one
     /// lower-cased byte at a time, a cost paid twice per request here. (Authorities come
     /// from registry records, so their case does not vary.)
-    idle: Mutex<HashMap<Box<str>, Vec<Idle>>>,
+    idle: Mutex<IdleMap>,
     max_idle_per_host: usize,
     idle_timeout: Duration,
     connect_timeout: Duration,
@@ -177,7 +181,7 @@ impl Pool {
         connect_timeout: Duration,
     ) -> Arc<Self> {
         Arc::new(Pool {
-            idle: Mutex::new(HashMap::new()),
+            idle: Mutex::new(IdleMap::default()),
             max_idle_per_host,
             idle_timeout,
             connect_timeout,
@@ -185,7 +189,7 @@ impl Pool {
         })
     }
 
-    fn idle(&self) -> MutexGuard<'_, HashMap<Box<str>, Vec<Idle>>> {
+    fn idle(&self) -> MutexGuard<'_, IdleMap> {
         self.idle
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
@@ -410,7 +414,8 @@ async fn gather(body: &mut Body, out: &mut Vec<u8>, sending: Sending) -> Result<
 }
 
 /// Reads the response head (skipping interim 1xx answers): the head, the body's decoder,
-/// and whether the connection may be reused after the body.
+/// and whether the connection may be reused after the body. The head has no hop-by-hop
+/// headers but for a 101 (this is a proxy's client: they describe this connection only).
 fn read_head(
     conn: &mut Conn,
     cx: &mut Context<'_>,
@@ -479,6 +484,10 @@ fn parse_response(buf: &mut BytesMut, head_request: bool) -> Result<Option<Parse
     let mut length = None;
     let mut chunked = None;
     let mut close = version == Version::HTTP_10;
+    // Hop-by-hop headers are read here and left out of the answer (a 101 keeps them: the
+    // switch is passed through); so are the headers `Connection` names.
+    let keep_hop_by_hop = code == 101;
+    let mut listed: Vec<HeaderValue> = Vec::new();
     for (ns, ne, vs, ve) in indices {
         let name = HeaderName::from_bytes(&head[ns..ne])
             .map_err(|_| ClientError::Malformed("invalid header name"))?;
@@ -501,16 +510,36 @@ fn parse_response(buf: &mut BytesMut, head_request: bool) -> Result<Option<Parse
                 .unwrap_or(b"");
             chunked = Some(last.trim_ascii().eq_ignore_ascii_case(b"chunked"));
         } else if name == header::CONNECTION {
+            let mut names_others = false;
             for token in value.as_bytes().split(|b| *b == b',') {
                 let token = token.trim_ascii();
                 if token.eq_ignore_ascii_case(b"close") {
                     close = true;
-                } else if token.eq_ignore_ascii_case(b"keep-alive") && version == Version::HTTP_10 {
-                    close = false;
+                } else if token.eq_ignore_ascii_case(b"keep-alive") {
+                    if version == Version::HTTP_10 {
+                        close = false;
+                    }
+                } else if !token.is_empty() {
+                    names_others = true;
+                }
+            }
+            if names_others {
+                listed.push(value.clone());
+            }
+        }
+        if !keep_hop_by_hop && is_hop_by_hop(&name) {
+            continue;
+        }
+        map.append(name, value);
+    }
+    if !keep_hop_by_hop {
+        for value in &listed {
+            for token in value.as_bytes().split(|b| *b == b',') {
+                if let Ok(name) = HeaderName::from_bytes(token.trim_ascii()) {
+                    map.remove(name);
                 }
             }
         }
-        map.append(name, value);
     }
     let no_body = head_request
         || status.is_informational()
@@ -745,7 +774,7 @@ mod tests {
     #[tokio::test]
     async fn answers_of_every_framing_and_connection_reuse() {
         let (authority, seen, accepted) = upstream(vec![
-            "HTTP/1.1 200 OK\r\ncontent-length: 5\r\nx-a: 1\r\n\r\nhello",
+            "HTTP/1.1 200 OK\r\ncontent-length: 5\r\nx-a: 1\r\nconnection: keep-alive, X-B\r\nx-b: 2\r\nkeep-alive: timeout=5\r\nx-c: 3\r\n\r\nhello",
             "HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 201 Created\r\ntransfer-encoding: chunked\r\n\r\n3;e=1\r\nabc\r\n2\r\nde\r\n0\r\nt: 1\r\n\r\n",
             "HTTP/1.1 200 OK\r\ncontent-length: 9\r\n\r\n",
             "HTTP/1.1 204 No Content\r\n\r\n",
@@ -760,12 +789,18 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(response.headers()["x-a"], "1");
+        assert_eq!(response.headers()["x-c"], "3");
+        // Hop-by-hop headers, and those `Connection` names, describe this connection only.
+        for gone in ["connection", "keep-alive", "x-b"] {
+            assert!(!response.headers().contains_key(gone), "{gone}");
+        }
         assert_eq!(text(response).await, "hello");
         let response = pool
             .send(&authority, request(Method::POST, full("body")))
             .await
             .unwrap();
         assert_eq!(response.status(), 201);
+        assert!(!response.headers().contains_key("transfer-encoding"));
         assert_eq!(text(response).await, "abcde");
         let response = pool
             .send(&authority, request(Method::HEAD, crate::proxy::empty()))

@@ -15,7 +15,7 @@ use tokio::task::JoinHandle;
 use trellis_registry::ServiceRegistry;
 
 use crate::config::{ConfigError, GatewayConfig};
-use crate::h1::{self, ConnLimits, Served};
+use crate::h1::{self, ConnLimits, HeadInfo, Served};
 use crate::proxy::{Peer, State, handle};
 use crate::route::RouteTable;
 
@@ -213,8 +213,8 @@ async fn accept_loop(listener: TcpListener, state: Arc<State>, mut stopped: ones
                         h1::serve(
                             stream,
                             limits,
-                            |request, ambiguous| async move {
-                                match handle(state.clone(), request, peer.clone(), ambiguous).await {
+                            |request, info| async move {
+                                match handle(state.clone(), request, peer.clone(), info).await {
                                     Ok(response) => response,
                                     Err(never) => match never {},
                                 }
@@ -227,7 +227,7 @@ async fn accept_loop(listener: TcpListener, state: Arc<State>, mut stopped: ones
                         return;
                     };
                     let service = service_fn(move |request| {
-                        handle(state.clone(), request, peer.clone(), false)
+                        handle(state.clone(), request, peer.clone(), HeadInfo::UNKNOWN)
                     });
                     let connection = builder
                         .serve_connection_with_upgrades(TokioIo::new(io), service)

@@ -568,7 +568,8 @@ impl Inner {
             next_cache.insert(row.clustering, (row.version, record));
         }
         *cache = next_cache;
-        let mut services = HashMap::with_capacity(grouped.len());
+        let mut services =
+            crate::snapshot::Services::with_capacity_and_hasher(grouped.len(), Default::default());
         for (name, instances) in grouped {
             let generation = next_generation(old.services.get(&name), &instances);
             services.insert(

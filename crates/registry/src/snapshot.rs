@@ -17,10 +17,14 @@ pub(crate) struct ServiceEntry {
     pub(crate) generation: u64,
 }
 
+/// Services by name: looked up on every `discover` (every proxied request), with a fast
+/// hasher (the names are the registry's own, not a client's).
+pub(crate) type Services = HashMap<String, Arc<ServiceEntry>, foldhash::fast::RandomState>;
+
 /// Every service, as of one refresh.
 #[derive(Debug, Default)]
 pub(crate) struct Snapshot {
-    pub(crate) services: HashMap<String, Arc<ServiceEntry>>,
+    pub(crate) services: Services,
     /// The last refresh failed: the store is unreachable and this is the last known state.
     pub(crate) stale: bool,
 }
