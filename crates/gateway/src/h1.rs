@@ -36,6 +36,8 @@ use std::time::Duration;
 use bytes::{Buf, Bytes, BytesMut};
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Method, Request, Response, StatusCode, Uri, Version};
+
+use crate::pool::RawHeaders;
 use hyper::body::{Body as HttpBody, Frame, SizeHint};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
@@ -954,12 +956,15 @@ async fn write_response(
     let mut length = None;
     let mut has_length = false;
     let mut has_date = false;
+    let parse_length = |value: &[u8]| {
+        std::str::from_utf8(value)
+            .ok()
+            .and_then(|v| v.trim().parse::<u64>().ok())
+    };
     for (name, value) in &parts.headers {
         if *name == header::CONTENT_LENGTH {
             has_length = true;
-            length = std::str::from_utf8(value.as_bytes())
-                .ok()
-                .and_then(|v| v.trim().parse::<u64>().ok());
+            length = parse_length(value.as_bytes());
         } else if *name == header::TRANSFER_ENCODING || *name == header::CONNECTION {
             // Framing and connection handling are this module's.
             continue;
@@ -970,6 +975,32 @@ async fn write_response(
         out.extend_from_slice(b": ");
         out.extend_from_slice(value.as_bytes());
         out.extend_from_slice(b"\r\n");
+    }
+    // An upstream's headers as received, after those of the map (which win).
+    if let Some(raw) = parts.extensions.get::<RawHeaders>() {
+        for (name, value) in raw.iter() {
+            if parts
+                .headers
+                .keys()
+                .any(|own| own.as_str().as_bytes().eq_ignore_ascii_case(name))
+            {
+                continue;
+            }
+            if name.eq_ignore_ascii_case(b"content-length") {
+                has_length = true;
+                length = parse_length(value);
+            } else if name.eq_ignore_ascii_case(b"transfer-encoding")
+                || name.eq_ignore_ascii_case(b"connection")
+            {
+                continue;
+            } else if name.eq_ignore_ascii_case(b"date") {
+                has_date = true;
+            }
+            out.extend_from_slice(name);
+            out.extend_from_slice(b": ");
+            out.extend_from_slice(value);
+            out.extend_from_slice(b"\r\n");
+        }
     }
     enum Encoding {
         None,

@@ -35,7 +35,7 @@ use http_body_util::BodyExt;
 use hyper::body::{Body as HttpBody, Frame, SizeHint};
 use tokio::net::TcpStream;
 
-use crate::h1::{Decoded, Decoder, Framing, header_indices, is_hop_by_hop};
+use crate::h1::{Decoded, Decoder, Framing, Indices, header_indices};
 use crate::proxy::{Body, BoxError};
 
 /// Most headers accepted in a response head.
@@ -480,21 +480,21 @@ fn parse_response(buf: &mut BytesMut, head_request: bool) -> Result<Option<Parse
     header_indices(&buf[..used], response.headers, &mut indices)
         .ok_or(ClientError::Malformed("invalid response head"))?;
     let head = buf.split_to(used).freeze();
-    let mut map = HeaderMap::with_capacity(indices.len() + 4);
     let mut length = None;
     let mut chunked = None;
     let mut close = version == Version::HTTP_10;
     // Hop-by-hop headers are read here and left out of the answer (a 101 keeps them: the
     // switch is passed through); so are the headers `Connection` names.
     let keep_hop_by_hop = code == 101;
-    let mut listed: Vec<HeaderValue> = Vec::new();
-    for (ns, ne, vs, ve) in indices {
-        let name = HeaderName::from_bytes(&head[ns..ne])
-            .map_err(|_| ClientError::Malformed("invalid header name"))?;
-        let value = HeaderValue::from_maybe_shared(head.slice(vs..ve))
-            .map_err(|_| ClientError::Malformed("invalid header value"))?;
-        if name == header::CONTENT_LENGTH {
-            let n = std::str::from_utf8(value.as_bytes())
+    // `Connection` values that name other headers.
+    let mut listing: Vec<(usize, usize)> = Vec::new();
+    let mut lines = indices;
+    let mut kept = 0;
+    for i in 0..lines.len() {
+        let (ns, ne, vs, ve) = lines[i];
+        let (name, value) = (&head[ns..ne], &head[vs..ve]);
+        if name.eq_ignore_ascii_case(b"content-length") {
+            let n = std::str::from_utf8(value)
                 .ok()
                 .and_then(|v| v.trim().parse::<u64>().ok())
                 .ok_or(ClientError::Malformed("invalid content-length"))?;
@@ -502,16 +502,12 @@ fn parse_response(buf: &mut BytesMut, head_request: bool) -> Result<Option<Parse
                 return Err(ClientError::Malformed("conflicting content-length"));
             }
             length = Some(n);
-        } else if name == header::TRANSFER_ENCODING {
-            let last = value
-                .as_bytes()
-                .rsplit(|b| *b == b',')
-                .next()
-                .unwrap_or(b"");
+        } else if name.eq_ignore_ascii_case(b"transfer-encoding") {
+            let last = value.rsplit(|b| *b == b',').next().unwrap_or(b"");
             chunked = Some(last.trim_ascii().eq_ignore_ascii_case(b"chunked"));
-        } else if name == header::CONNECTION {
+        } else if name.eq_ignore_ascii_case(b"connection") {
             let mut names_others = false;
-            for token in value.as_bytes().split(|b| *b == b',') {
+            for token in value.split(|b| *b == b',') {
                 let token = token.trim_ascii();
                 if token.eq_ignore_ascii_case(b"close") {
                     close = true;
@@ -524,22 +520,25 @@ fn parse_response(buf: &mut BytesMut, head_request: bool) -> Result<Option<Parse
                 }
             }
             if names_others {
-                listed.push(value.clone());
+                listing.push((vs, ve));
             }
         }
-        if !keep_hop_by_hop && is_hop_by_hop(&name) {
-            continue;
+        if keep_hop_by_hop || !is_hop_by_hop_name(name) {
+            lines[kept] = lines[i];
+            kept += 1;
         }
-        map.append(name, value);
     }
-    if !keep_hop_by_hop {
-        for value in &listed {
-            for token in value.as_bytes().split(|b| *b == b',') {
-                if let Ok(name) = HeaderName::from_bytes(token.trim_ascii()) {
-                    map.remove(name);
-                }
-            }
-        }
+    lines.truncate(kept);
+    if !listing.is_empty() && !keep_hop_by_hop {
+        let named: Vec<&[u8]> = listing
+            .iter()
+            .flat_map(|&(vs, ve)| head[vs..ve].split(|b| *b == b',').map(<[u8]>::trim_ascii))
+            .collect();
+        lines.retain(|&(ns, ne, _, _)| {
+            !named
+                .iter()
+                .any(|token| token.eq_ignore_ascii_case(&head[ns..ne]))
+        });
     }
     let no_body = head_request
         || status.is_informational()
@@ -567,8 +566,67 @@ fn parse_response(buf: &mut BytesMut, head_request: bool) -> Result<Option<Parse
     let mut response = Response::new(());
     *response.status_mut() = status;
     *response.version_mut() = version;
-    *response.headers_mut() = map;
+    response.extensions_mut().insert(RawHeaders { head, lines });
     Ok(Some(Parsed::Head(response.into_parts().0, body, reusable)))
+}
+
+/// An upstream answer's end-to-end headers as they came: the head's bytes and where each
+/// header lies in them (hop-by-hop ones left out). The pool puts them in the answer's
+/// extensions instead of its `HeaderMap`: a proxied answer's headers are copied out as
+/// received (names in their case), never parsed into names and values. The `HeaderMap`
+/// holds what the gateway adds, and wins over a received header of the same name;
+/// [`materialize`] moves them into the map for code that reads or edits them.
+#[derive(Debug, Clone)]
+pub(crate) struct RawHeaders {
+    head: Bytes,
+    lines: Vec<Indices>,
+}
+
+impl RawHeaders {
+    /// Each header's name and value, in the order received.
+    pub(crate) fn iter(&self) -> impl Iterator<Item = (&[u8], &[u8])> + '_ {
+        self.lines
+            .iter()
+            .map(|&(ns, ne, vs, ve)| (&self.head[ns..ne], &self.head[vs..ve]))
+    }
+}
+
+/// Moves the received headers of an answer (see [`RawHeaders`]) into its `HeaderMap`,
+/// after the headers already there, except those the map already names.
+pub(crate) fn materialize(headers: &mut HeaderMap, extensions: &mut http::Extensions) {
+    let Some(raw) = extensions.remove::<RawHeaders>() else {
+        return;
+    };
+    let own: Vec<HeaderName> = headers.keys().cloned().collect();
+    for &(ns, ne, vs, ve) in &raw.lines {
+        // The parser checked both as HTTP tokens and field values.
+        let (Ok(name), Ok(value)) = (
+            HeaderName::from_bytes(&raw.head[ns..ne]),
+            HeaderValue::from_maybe_shared(raw.head.slice(vs..ve)),
+        ) else {
+            continue;
+        };
+        if !own.contains(&name) {
+            headers.append(name, value);
+        }
+    }
+}
+
+/// [`h1::is_hop_by_hop`](crate::h1::is_hop_by_hop) for a name as received (any case).
+fn is_hop_by_hop_name(name: &[u8]) -> bool {
+    const HOP_BY_HOP: [&[u8]; 8] = [
+        b"connection",
+        b"keep-alive",
+        b"proxy-authenticate",
+        b"proxy-authorization",
+        b"te",
+        b"trailer",
+        b"transfer-encoding",
+        b"upgrade",
+    ];
+    HOP_BY_HOP
+        .iter()
+        .any(|hop| hop.len() == name.len() && hop.eq_ignore_ascii_case(name))
 }
 
 /// A response body that reads its connection and hands it back to the pool when read to
@@ -771,6 +829,17 @@ mod tests {
         Pool::new(8, Duration::from_secs(60), Duration::from_secs(1))
     }
 
+    /// The answer with its received headers moved into its map (see [`RawHeaders`]).
+    fn received(response: Response<Body>) -> Response<Body> {
+        let (mut parts, body) = response.into_parts();
+        assert!(
+            parts.headers.is_empty(),
+            "the pool adds no header of its own"
+        );
+        materialize(&mut parts.headers, &mut parts.extensions);
+        Response::from_parts(parts, body)
+    }
+
     #[tokio::test]
     async fn answers_of_every_framing_and_connection_reuse() {
         let (authority, seen, accepted) = upstream(vec![
@@ -788,6 +857,15 @@ mod tests {
             .send(&authority, request(Method::GET, crate::proxy::empty()))
             .await
             .unwrap();
+        let raw: Vec<_> = response
+            .extensions()
+            .get::<RawHeaders>()
+            .unwrap()
+            .iter()
+            .map(|(name, value)| (name.to_vec(), value.to_vec()))
+            .collect();
+        assert_eq!(raw.len(), 3, "content-length, x-a and x-c, as received");
+        let response = received(response);
         assert_eq!(response.headers()["x-a"], "1");
         assert_eq!(response.headers()["x-c"], "3");
         // Hop-by-hop headers, and those `Connection` names, describe this connection only.
@@ -798,6 +876,7 @@ mod tests {
         let response = pool
             .send(&authority, request(Method::POST, full("body")))
             .await
+            .map(received)
             .unwrap();
         assert_eq!(response.status(), 201);
         assert!(!response.headers().contains_key("transfer-encoding"));
@@ -805,6 +884,7 @@ mod tests {
         let response = pool
             .send(&authority, request(Method::HEAD, crate::proxy::empty()))
             .await
+            .map(received)
             .unwrap();
         assert_eq!(response.headers()["content-length"], "9");
         assert_eq!(text(response).await, "");

@@ -388,7 +388,11 @@ where
     if let Some((route, false)) = route
         && let Some(cors) = &route.cors
     {
-        cors.apply(origin.as_ref(), response.headers_mut());
+        // CORS edits what the upstream sent (its Access-Control-* go, Vary grows).
+        let (mut parts, body) = response.into_parts();
+        crate::pool::materialize(&mut parts.headers, &mut parts.extensions);
+        cors.apply(origin.as_ref(), &mut parts.headers);
+        response = Response::from_parts(parts, body);
     }
     if let Some(metrics) = &state.metrics {
         let status = response.status().as_u16();

@@ -16,6 +16,7 @@ use trellis_registry::ServiceRegistry;
 
 use crate::config::{ConfigError, GatewayConfig};
 use crate::h1::{self, ConnLimits, HeadInfo, Served};
+use crate::pool::materialize;
 use crate::proxy::{Peer, State, handle};
 use crate::route::RouteTable;
 
@@ -226,8 +227,15 @@ async fn accept_loop(listener: TcpListener, state: Arc<State>, mut stopped: ones
                     let Served::Handover(io) = served else {
                         return;
                     };
+                    // hyper writes the map only: received headers go into it.
                     let service = service_fn(move |request| {
-                        handle(state.clone(), request, peer.clone(), HeadInfo::UNKNOWN)
+                        let answer = handle(state.clone(), request, peer.clone(), HeadInfo::UNKNOWN);
+                        async move {
+                            let Ok(response) = answer.await;
+                            let (mut parts, body) = response.into_parts();
+                            materialize(&mut parts.headers, &mut parts.extensions);
+                            Ok::<_, std::convert::Infallible>(http::Response::from_parts(parts, body))
+                        }
                     });
                     let connection = builder
                         .serve_connection_with_upgrades(TokioIo::new(io), service)

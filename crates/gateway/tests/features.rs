@@ -726,3 +726,125 @@ async fn upstream_connections_are_reused_and_closed_ones_replaced() {
     assert_eq!(close_accepted.load(Ordering::SeqCst), 5);
     s.gateway.shutdown().await;
 }
+
+/// An HTTP/1.1 upstream answering every request on a kept-alive connection with the
+/// same head (names in their own case, repeated and hop-by-hop headers) and body "ok".
+async fn fixed_head_upstream() -> u16 {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    const ANSWER: &str = "HTTP/1.1 200 OK\r\nContent-Length: 2\r\nX-Mixed-Case: Value\r\n\
+        X-Request-Id: upstream-id\r\nDate: Thu, 01 Jan 2026 00:00:00 GMT\r\n\
+        Set-Cookie: a=1\r\nSet-Cookie: b=2\r\nConnection: keep-alive, X-Hop\r\n\
+        X-Hop: secret\r\nKeep-Alive: timeout=5\r\n\r\nok";
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    tokio::spawn(async move {
+        loop {
+            let Ok((mut stream, _)) = listener.accept().await else {
+                return;
+            };
+            tokio::spawn(async move {
+                let mut seen = Vec::new();
+                let mut buf = [0u8; 4096];
+                loop {
+                    let Ok(n) = stream.read(&mut buf).await else {
+                        return;
+                    };
+                    if n == 0 {
+                        return;
+                    }
+                    seen.extend_from_slice(&buf[..n]);
+                    // Requests without bodies: one answer per head.
+                    while let Some(end) = seen.windows(4).position(|w| w == b"\r\n\r\n") {
+                        seen.drain(..end + 4);
+                        if stream.write_all(ANSWER.as_bytes()).await.is_err() {
+                            return;
+                        }
+                    }
+                }
+            });
+        }
+    });
+    port
+}
+
+/// An upstream's headers reach the client as they came — case, order and repeats kept,
+/// its Date used — without its hop-by-hop headers, and with the gateway's request id in
+/// place of the upstream's; over HTTP/1.1 (written by the gateway's own server) and over
+/// HTTP/2 (written by hyper) alike.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upstream_headers_pass_through_as_received() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let s = setup(routes(vec![RouteConfig::new("/raw/*", "raw")])).await;
+    s.registry
+        .register(
+            "raw",
+            Instance::new("r1", "127.0.0.1", fixed_head_upstream().await),
+        )
+        .await
+        .unwrap();
+    let addr = s.base.trim_start_matches("http://").to_owned();
+    let mut stream = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    for _ in 0..2 {
+        stream
+            .write_all(b"GET /raw/x HTTP/1.1\r\nhost: t\r\nx-request-id: client-id\r\n\r\n")
+            .await
+            .unwrap();
+        let mut answer = Vec::new();
+        let mut buf = [0u8; 4096];
+        while !answer.ends_with(b"\r\n\r\nok") {
+            let n = tokio::time::timeout(Duration::from_secs(5), stream.read(&mut buf))
+                .await
+                .unwrap()
+                .unwrap();
+            assert!(n > 0, "closed: {}", String::from_utf8_lossy(&answer));
+            answer.extend_from_slice(&buf[..n]);
+        }
+        let text = String::from_utf8(answer).unwrap();
+        let lines: Vec<&str> = text.split("\r\n").collect();
+        assert_eq!(lines[0], "HTTP/1.1 200 OK", "{text}");
+        let count = |prefix: &str| {
+            lines
+                .iter()
+                .filter(|l| l.to_ascii_lowercase().starts_with(prefix))
+                .count()
+        };
+        assert!(lines.contains(&"X-Mixed-Case: Value"), "{text}");
+        let cookies: Vec<&&str> = lines
+            .iter()
+            .filter(|l| l.starts_with("Set-Cookie"))
+            .collect();
+        assert_eq!(cookies, [&"Set-Cookie: a=1", &"Set-Cookie: b=2"], "{text}");
+        assert!(
+            lines.contains(&"Date: Thu, 01 Jan 2026 00:00:00 GMT"),
+            "{text}"
+        );
+        assert_eq!(count("date:"), 1, "{text}");
+        assert_eq!(count("content-length:"), 1, "{text}");
+        assert_eq!(count("x-request-id:"), 1, "{text}");
+        assert!(lines.contains(&"x-request-id: client-id"), "{text}");
+        for gone in ["x-hop:", "keep-alive:", "connection:"] {
+            assert_eq!(count(gone), 0, "{gone} {text}");
+        }
+    }
+
+    // HTTP/2 with prior knowledge: hyper serves the connection and writes the map.
+    let io = hyper_util::rt::TokioIo::new(tokio::net::TcpStream::connect(&addr).await.unwrap());
+    let (mut sender, connection) =
+        hyper::client::conn::http2::handshake(hyper_util::rt::TokioExecutor::new(), io)
+            .await
+            .unwrap();
+    tokio::spawn(connection);
+    let request = hyper::Request::get(format!("{}/raw/y", s.base))
+        .body(http_body_util::Empty::<bytes::Bytes>::new())
+        .unwrap();
+    let response = sender.send_request(request).await.unwrap();
+    assert_eq!(response.status(), 200);
+    let h = response.headers();
+    assert_eq!(h["x-mixed-case"], "Value");
+    let cookies: Vec<_> = h.get_all("set-cookie").iter().collect();
+    assert_eq!(cookies, ["a=1", "b=2"]);
+    assert_eq!(h.get_all("date").iter().count(), 1);
+    assert_ne!(h["x-request-id"], "upstream-id");
+    assert!(h.get("x-hop").is_none() && h.get("keep-alive").is_none());
+    s.gateway.shutdown().await;
+}
