@@ -144,6 +144,21 @@ pub(crate) fn is_hop_by_hop(name: &HeaderName) -> bool {
         || name.as_str() == "keep-alive"
 }
 
+/// [`is_hop_by_hop`] for a name as received, in any case (the pool's raw answer heads).
+pub(crate) fn is_hop_by_hop_name(name: &[u8]) -> bool {
+    const HOP_BY_HOP: [&[u8]; 8] = [
+        b"connection",
+        b"keep-alive",
+        b"proxy-authenticate",
+        b"proxy-authorization",
+        b"te",
+        b"trailer",
+        b"transfer-encoding",
+        b"upgrade",
+    ];
+    HOP_BY_HOP.iter().any(|hop| hop.eq_ignore_ascii_case(name))
+}
+
 /// Offsets of one header in the head (name start, name end, value start, value end).
 pub(crate) type Indices = (usize, usize, usize, usize);
 

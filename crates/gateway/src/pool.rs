@@ -35,7 +35,7 @@ use http_body_util::BodyExt;
 use hyper::body::{Body as HttpBody, Frame, SizeHint};
 use tokio::net::TcpStream;
 
-use crate::h1::{Decoded, Decoder, Framing, Indices, header_indices};
+use crate::h1::{Decoded, Decoder, Framing, Indices, header_indices, is_hop_by_hop_name};
 use crate::proxy::{Body, BoxError};
 
 /// Most headers accepted in a response head.
@@ -610,23 +610,6 @@ pub(crate) fn materialize(headers: &mut HeaderMap, extensions: &mut http::Extens
             headers.append(name, value);
         }
     }
-}
-
-/// [`h1::is_hop_by_hop`](crate::h1::is_hop_by_hop) for a name as received (any case).
-fn is_hop_by_hop_name(name: &[u8]) -> bool {
-    const HOP_BY_HOP: [&[u8]; 8] = [
-        b"connection",
-        b"keep-alive",
-        b"proxy-authenticate",
-        b"proxy-authorization",
-        b"te",
-        b"trailer",
-        b"transfer-encoding",
-        b"upgrade",
-    ];
-    HOP_BY_HOP
-        .iter()
-        .any(|hop| hop.len() == name.len() && hop.eq_ignore_ascii_case(name))
 }
 
 /// A response body that reads its connection and hands it back to the pool when read to

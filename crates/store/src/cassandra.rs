@@ -800,12 +800,34 @@ impl Inner {
                 .await
                 .map_err(|e| self.failed("create table", Some(table), e))?;
             tracing::debug!(table, keyspace = %self.keyspace, "created cassandra table");
-            return self.prepare_table(table).await.map(Some);
+            let _ = self.session.await_schema_agreement().await;
+            return self.prepare_settled(table).await.map(Some);
         }
-        match self.prepare_table(table).await {
+        match self.prepare_settled(table).await {
             Ok(statements) => Ok(Some(statements)),
             Err(StoreError::Backend { message, .. }) if is_missing_table(&message) => Ok(None),
             Err(e) => Err(e),
+        }
+    }
+
+    /// [`prepare_table`](Self::prepare_table), waiting for the schema to settle: while
+    /// another process creates the same table, a node can answer a prepare with "Unknown
+    /// CF" (the id of the other creation). Such answers are retried after schema
+    /// agreement, for a short, bounded while.
+    async fn prepare_settled(&self, table: &str) -> Result<Arc<Statements>> {
+        let mut attempts = 0;
+        loop {
+            attempts += 1;
+            match self.prepare_table(table).await {
+                Err(StoreError::Backend { message, .. })
+                    if attempts < 20 && message.contains("Unknown CF") =>
+                {
+                    tracing::debug!(table, attempts, "table not settled yet; retrying");
+                    let _ = self.session.await_schema_agreement().await;
+                    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                }
+                other => return other,
+            }
         }
     }
 
