@@ -123,9 +123,12 @@ proptest! {
 fn least_request_prefers_less_loaded_endpoints() {
     let lb = LoadBalancer::new(Strategy::LeastRequest);
     lb.update(endpoints(3));
-    // Hold every pick until svc-0 has 5 in flight, then release down to 5 / 2 / 0.
+    // Hold every pick until svc-0 has 5 in flight and svc-1 2, then release down to
+    // 5 / 2 / 0. (Both conditions: the draws are random, and svc-0 can reach 5 while
+    // svc-1 holds only 1.)
     let mut held: Vec<Picked<String>> = Vec::new();
-    while held.iter().filter(|p| p.id() == "svc-0").count() < 5 {
+    let holding = |held: &[Picked<String>], id: &str| held.iter().filter(|p| p.id() == id).count();
+    while holding(&held, "svc-0") < 5 || holding(&held, "svc-1") < 2 {
         assert!(held.len() < 1_000);
         held.push(lb.pick(&PickContext::new()).unwrap());
     }
