@@ -36,13 +36,12 @@ use std::time::Duration;
 use bytes::{Buf, Bytes, BytesMut};
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Method, Request, Response, StatusCode, Uri, Version};
-
-use crate::pool::RawHeaders;
 use hyper::body::{Body as HttpBody, Frame, SizeHint};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::sync::watch;
 
+use crate::pool::RawHeaders;
 use crate::proxy::Body;
 
 /// Most headers accepted in a request head (as hyper); more is answered 431.
@@ -133,15 +132,7 @@ impl HeadInfo {
 /// Whether `name` is a hop-by-hop header (RFC 9110 §7.6.1): it describes one connection
 /// and is never forwarded. (Headers that `Connection` names are hop-by-hop too.)
 pub(crate) fn is_hop_by_hop(name: &HeaderName) -> bool {
-    // The standard names compare as small integers; `keep-alive` is not one of `http`'s.
-    *name == header::CONNECTION
-        || *name == header::TRANSFER_ENCODING
-        || *name == header::UPGRADE
-        || *name == header::TE
-        || *name == header::TRAILER
-        || *name == header::PROXY_AUTHENTICATE
-        || *name == header::PROXY_AUTHORIZATION
-        || name.as_str() == "keep-alive"
+    is_hop_by_hop_name(name.as_str().as_bytes())
 }
 
 /// [`is_hop_by_hop`] for a name as received, in any case (the pool's raw answer heads).
@@ -336,6 +327,14 @@ pub(crate) fn span(buf: &[u8], part: &[u8]) -> Option<(usize, usize)> {
     let start = (part.as_ptr() as usize).checked_sub(buf.as_ptr() as usize)?;
     let end = start.checked_add(part.len())?;
     (end <= buf.len()).then_some((start, end))
+}
+
+/// An answer's `Content-Length` as the pool reads it from an upstream and the server
+/// writes it (surrounding blanks allowed); `None` when it is not a number.
+pub(crate) fn answer_length(value: &[u8]) -> Option<u64> {
+    std::str::from_utf8(value)
+        .ok()
+        .and_then(|v| v.trim().parse::<u64>().ok())
 }
 
 /// Digits only, no sign, no overflow.
@@ -734,8 +733,8 @@ enum Next {
 }
 
 /// Serves HTTP/1.x requests on `stream` with `service` (which gets each request and
-/// what the parser learnt about it, see [`HeadInfo`]) until the connection closes, `shutdown` changes
-/// (after the request in flight), or hyper has to take over.
+/// what the parser learnt about it, see [`HeadInfo`]) until the connection closes,
+/// `shutdown` changes (after the request in flight), or hyper has to take over.
 pub(crate) async fn serve<S, F>(
     stream: TcpStream,
     limits: ConnLimits,
@@ -971,15 +970,10 @@ async fn write_response(
     let mut length = None;
     let mut has_length = false;
     let mut has_date = false;
-    let parse_length = |value: &[u8]| {
-        std::str::from_utf8(value)
-            .ok()
-            .and_then(|v| v.trim().parse::<u64>().ok())
-    };
     for (name, value) in &parts.headers {
         if *name == header::CONTENT_LENGTH {
             has_length = true;
-            length = parse_length(value.as_bytes());
+            length = answer_length(value.as_bytes());
         } else if *name == header::TRANSFER_ENCODING || *name == header::CONNECTION {
             // Framing and connection handling are this module's.
             continue;
@@ -1003,7 +997,7 @@ async fn write_response(
             }
             if name.eq_ignore_ascii_case(b"content-length") {
                 has_length = true;
-                length = parse_length(value);
+                length = answer_length(value);
             } else if name.eq_ignore_ascii_case(b"transfer-encoding")
                 || name.eq_ignore_ascii_case(b"connection")
             {

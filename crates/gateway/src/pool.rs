@@ -35,7 +35,9 @@ use http_body_util::BodyExt;
 use hyper::body::{Body as HttpBody, Frame, SizeHint};
 use tokio::net::TcpStream;
 
-use crate::h1::{Decoded, Decoder, Framing, Indices, header_indices, is_hop_by_hop_name};
+use crate::h1::{
+    Decoded, Decoder, Framing, Indices, answer_length, header_indices, is_hop_by_hop_name,
+};
 use crate::proxy::{Body, BoxError};
 
 /// Most headers accepted in a response head.
@@ -494,10 +496,7 @@ fn parse_response(buf: &mut BytesMut, head_request: bool) -> Result<Option<Parse
         let (ns, ne, vs, ve) = lines[i];
         let (name, value) = (&head[ns..ne], &head[vs..ve]);
         if name.eq_ignore_ascii_case(b"content-length") {
-            let n = std::str::from_utf8(value)
-                .ok()
-                .and_then(|v| v.trim().parse::<u64>().ok())
-                .ok_or(ClientError::Malformed("invalid content-length"))?;
+            let n = answer_length(value).ok_or(ClientError::Malformed("invalid content-length"))?;
             if length.is_some_and(|l| l != n) {
                 return Err(ClientError::Malformed("conflicting content-length"));
             }
