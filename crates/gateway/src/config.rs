@@ -75,6 +75,72 @@ impl LoadBalancer {
     }
 }
 
+/// Which threads serve the gateway's connections: `workers = "auto"`, a number, or
+/// `"runtime"`.
+///
+/// With threads, each one runs its own single-threaded tokio runtime and accepts
+/// connections on its own listening socket (`SO_REUSEPORT`: the kernel spreads new
+/// connections over them), like nginx's worker processes or Envoy's `--concurrency`: a
+/// connection and the upstream connections its requests use stay on one thread, with no
+/// work stealing or cross-thread wake-ups on the way. Upstream keep-alive connections are
+/// pooled per thread. Routes, balancers, breakers, rate limits and metrics are shared.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Workers {
+    /// One thread per CPU the process may run on (`std::thread::available_parallelism`,
+    /// which honours CPU affinity and cgroup quotas). The default.
+    #[default]
+    Auto,
+    /// This many threads (1 to 1024).
+    Threads(usize),
+    /// No threads of its own: connections are tasks of the tokio runtime that started
+    /// the gateway (spread over that runtime's threads). For embedding beside other work,
+    /// and for tests that control time with `tokio::time::pause()`.
+    Runtime,
+}
+
+impl Workers {
+    /// How many threads of its own the gateway runs; `None` for [`Workers::Runtime`].
+    pub fn threads(self) -> Option<usize> {
+        match self {
+            Workers::Auto => Some(std::thread::available_parallelism().map_or(1, usize::from)),
+            Workers::Threads(n) => Some(n),
+            Workers::Runtime => None,
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for Workers {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct Visitor;
+        impl serde::de::Visitor<'_> for Visitor {
+            type Value = Workers;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a number of threads (1 to 1024), \"auto\" or \"runtime\"")
+            }
+            fn visit_u64<E: serde::de::Error>(self, n: u64) -> Result<Workers, E> {
+                match usize::try_from(n) {
+                    Ok(n @ 1..=1024) => Ok(Workers::Threads(n)),
+                    _ => Err(E::invalid_value(serde::de::Unexpected::Unsigned(n), &self)),
+                }
+            }
+            fn visit_i64<E: serde::de::Error>(self, n: i64) -> Result<Workers, E> {
+                match u64::try_from(n) {
+                    Ok(n) => self.visit_u64(n),
+                    Err(_) => Err(E::invalid_value(serde::de::Unexpected::Signed(n), &self)),
+                }
+            }
+            fn visit_str<E: serde::de::Error>(self, text: &str) -> Result<Workers, E> {
+                match text {
+                    "auto" => Ok(Workers::Auto),
+                    "runtime" => Ok(Workers::Runtime),
+                    _ => Err(E::invalid_value(serde::de::Unexpected::Str(text), &self)),
+                }
+            }
+        }
+        deserializer.deserialize_any(Visitor)
+    }
+}
+
 /// `rate_limiting = { enabled = true, requests = 1000, window = "1m" }`.
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -305,6 +371,9 @@ pub struct GatewayConfig {
     /// one task per upstream connection. Upgrades and h2c always use the latter.
     /// Defaults to `true`.
     pub inline_upstream_connections: bool,
+    /// Which threads serve connections (see [`Workers`]). Defaults to `"auto"`: one
+    /// thread per CPU.
+    pub workers: Workers,
     /// The routes, tried most specific first.
     pub routes: Vec<RouteConfig>,
 }
@@ -320,6 +389,7 @@ impl Default for GatewayConfig {
             cors: None,
             retry_buffer_bytes: 64 * 1024,
             inline_upstream_connections: true,
+            workers: Workers::Auto,
             routes: Vec::new(),
         }
     }
@@ -549,6 +619,14 @@ impl GatewayConfig {
         if let Some(cors) = &self.cors {
             cors.validate("cors")?;
         }
+        if let Workers::Threads(n) = self.workers
+            && !(1..=1024).contains(&n)
+        {
+            return Err(invalid(
+                "workers",
+                format!("{n} threads; give 1 to 1024, \"auto\" or \"runtime\""),
+            ));
+        }
         if self.retry_buffer_bytes > 16 << 20 {
             return Err(invalid("retry_buffer_bytes", "at most 16777216 (16 MiB)"));
         }
@@ -708,6 +786,37 @@ mod tests {
     }
 
     #[test]
+    fn workers_are_a_number_auto_or_runtime() {
+        for (text, workers) in [
+            ("", Workers::Auto),
+            ("workers = \"auto\"", Workers::Auto),
+            ("workers = 3", Workers::Threads(3)),
+            ("workers = \"runtime\"", Workers::Runtime),
+        ] {
+            assert_eq!(
+                GatewayConfig::from_toml(text).unwrap().workers,
+                workers,
+                "{text}"
+            );
+        }
+        assert_eq!(Workers::Threads(3).threads(), Some(3));
+        assert_eq!(Workers::Runtime.threads(), None);
+        assert!(Workers::Auto.threads().is_some_and(|n| n >= 1));
+        // The builder's value is checked like the file's.
+        let err = GatewayConfig {
+            workers: Workers::Threads(0),
+            ..GatewayConfig::default()
+        }
+        .validate()
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.contains("workers") && err.contains("1 to 1024"),
+            "{err}"
+        );
+    }
+
+    #[test]
     fn errors_name_the_key() {
         for (text, needle) in [
             ("listen = \"x\"", "listen"),
@@ -758,6 +867,11 @@ mod tests {
                 "unknown variant `h3`",
             ),
             ("retry_buffer_bytes = 99999999", "retry_buffer_bytes"),
+            ("workers = 0", "invalid value: integer `0`"),
+            ("workers = 2000", "1 to 1024"),
+            ("workers = -2", "invalid value: integer `-2`"),
+            ("workers = \"many\"", "invalid value: string \"many\""),
+            ("workers = 1.5", "invalid type: floating point"),
         ] {
             let err = GatewayConfig::from_toml(text).unwrap_err().to_string();
             assert!(err.contains(needle), "{text}: {err}");

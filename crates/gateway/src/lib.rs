@@ -17,6 +17,11 @@
 //!
 //! ## Options beyond routing
 //!
+//! - **Worker threads** ([`Workers`], `workers = "auto"` by default): one thread per CPU,
+//!   each with its own single-threaded tokio runtime, listening socket (`SO_REUSEPORT`) and
+//!   upstream keep-alive connections, as nginx's workers or Envoy's `--concurrency`; routes,
+//!   balancers, breakers, rate limits and metrics are shared. `workers = "runtime"` serves
+//!   on the runtime that started the gateway instead.
 //! - **Weights (blue-green, canary).** An instance's `weight` registry metadata (default 1)
 //!   sets its share under the `weighted` balancer. `weight = "0"` takes an instance out of
 //!   rotation under *every* balancer (the idle colour of a blue-green pair); when every
@@ -89,7 +94,7 @@ mod server;
 
 pub use config::{
     CircuitBreakerConfig, ConfigError, CorsConfig, GatewayConfig, Limits, LoadBalancer, MIDDLEWARE,
-    RateLimitConfig, RouteConfig, UpstreamProtocol,
+    RateLimitConfig, RouteConfig, UpstreamProtocol, Workers,
 };
 pub use metrics::{GatewayInspector, GatewayMetrics};
 pub use proxy::{Body, BoxError};

@@ -151,16 +151,34 @@ struct Idle {
     since: Instant,
 }
 
-/// Idle keep-alive connections per upstream authority.
+/// Idle keep-alive connections per upstream authority, one set per worker thread.
 pub(crate) struct Pool {
-    /// Keyed by the authority's text: `Authority`'s own `Hash` feeds the hasher one
-    /// lower-cased byte at a time, a cost paid twice per request here. (Authorities come
-    /// from registry records, so their case does not vary.)
-    idle: Mutex<IdleMap>,
+    /// One per gateway worker thread (see [`set_worker_slot`]): a connection is
+    /// registered with the reactor of the thread that opened it, and is only handed to
+    /// requests served by that thread. Each slot keyed by the authority's text:
+    /// `Authority`'s own `Hash` feeds the hasher one lower-cased byte at a time, a cost
+    /// paid twice per request here. (Authorities come from registry records, so their
+    /// case does not vary.)
+    slots: Box<[Mutex<Slot>]>,
     max_idle_per_host: usize,
     idle_timeout: Duration,
     connect_timeout: Duration,
-    last_sweep: Mutex<Instant>,
+}
+
+/// One worker's idle connections, and when they were last swept.
+struct Slot {
+    idle: IdleMap,
+    last_sweep: Instant,
+}
+
+thread_local! {
+    /// The pool slot of the gateway worker running on this thread (0 elsewhere).
+    static WORKER_SLOT: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+}
+
+/// Makes this thread use pool slot `slot` (a gateway worker thread, at its start).
+pub(crate) fn set_worker_slot(slot: usize) {
+    WORKER_SLOT.set(slot);
 }
 
 impl std::fmt::Debug for Pool {
@@ -177,22 +195,33 @@ enum Sending {
 }
 
 impl Pool {
+    /// A pool with `slots` sets of idle connections (one per worker thread; at least 1).
     pub(crate) fn new(
+        slots: usize,
         max_idle_per_host: usize,
         idle_timeout: Duration,
         connect_timeout: Duration,
     ) -> Arc<Self> {
+        let now = Instant::now();
         Arc::new(Pool {
-            idle: Mutex::new(IdleMap::default()),
+            slots: (0..slots.max(1))
+                .map(|_| {
+                    Mutex::new(Slot {
+                        idle: IdleMap::default(),
+                        last_sweep: now,
+                    })
+                })
+                .collect(),
             max_idle_per_host,
             idle_timeout,
             connect_timeout,
-            last_sweep: Mutex::new(Instant::now()),
         })
     }
 
-    fn idle(&self) -> MutexGuard<'_, IdleMap> {
-        self.idle
+    /// This thread's slot.
+    fn slot(&self) -> MutexGuard<'_, Slot> {
+        let slots = &self.slots;
+        slots[WORKER_SLOT.get() % slots.len()]
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
@@ -200,7 +229,7 @@ impl Pool {
     /// A pooled connection to `authority` that is still open, if any.
     fn checkout(&self, authority: &Authority) -> Option<Conn> {
         loop {
-            let idle = self.idle().get_mut(authority.as_str())?.pop()?;
+            let idle = self.slot().idle.get_mut(authority.as_str())?.pop()?;
             let mut conn = idle.conn;
             if idle.since.elapsed() > self.idle_timeout || !conn.is_idle_and_open() {
                 continue;
@@ -211,48 +240,40 @@ impl Pool {
 
     fn put(&self, authority: &Authority, conn: Conn) {
         let now = Instant::now();
-        {
-            let mut idle = self.idle();
+        let stale = {
+            let mut slot = self.slot();
             let entry = Idle { conn, since: now };
-            match idle.get_mut(authority.as_str()) {
+            match slot.idle.get_mut(authority.as_str()) {
                 Some(list) if list.len() < self.max_idle_per_host => list.push(entry),
                 Some(_) => {}
                 None if self.max_idle_per_host > 0 => {
-                    idle.insert(authority.as_str().into(), vec![entry]);
+                    slot.idle.insert(authority.as_str().into(), vec![entry]);
                 }
                 None => {}
             }
-        }
-        self.sweep(now);
+            self.sweep(&mut slot, now)
+        };
+        // Closed outside the lock.
+        drop(stale);
     }
 
-    /// Every idle timeout, drops the connections idle for longer (of instances no longer
-    /// used, too).
-    fn sweep(&self, now: Instant) {
-        {
-            let mut last = self
-                .last_sweep
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner);
-            if now.duration_since(*last) < self.idle_timeout {
-                return;
-            }
-            *last = now;
+    /// Every idle timeout, takes out the slot's connections idle for longer (of instances
+    /// no longer used, too).
+    fn sweep(&self, slot: &mut Slot, now: Instant) -> Vec<Idle> {
+        if now.duration_since(slot.last_sweep) < self.idle_timeout {
+            return Vec::new();
         }
-        let stale: Vec<Idle> = {
-            let mut idle = self.idle();
-            let mut stale = Vec::new();
-            for list in idle.values_mut() {
-                let (keep, old): (Vec<Idle>, Vec<Idle>) = list
-                    .drain(..)
-                    .partition(|i| now.duration_since(i.since) <= self.idle_timeout);
-                *list = keep;
-                stale.extend(old);
-            }
-            idle.retain(|_, list| !list.is_empty());
-            stale
-        };
-        drop(stale);
+        slot.last_sweep = now;
+        let mut stale = Vec::new();
+        for list in slot.idle.values_mut() {
+            let (keep, old): (Vec<Idle>, Vec<Idle>) = list
+                .drain(..)
+                .partition(|i| now.duration_since(i.since) <= self.idle_timeout);
+            *list = keep;
+            stale.extend(old);
+        }
+        slot.idle.retain(|_, list| !list.is_empty());
+        stale
     }
 
     async fn connect(&self, authority: &Authority) -> Result<Conn, PoolError> {
@@ -808,7 +829,7 @@ mod tests {
     }
 
     fn pool() -> Arc<Pool> {
-        Pool::new(8, Duration::from_secs(60), Duration::from_secs(1))
+        Pool::new(1, 8, Duration::from_secs(60), Duration::from_secs(1))
     }
 
     /// The answer with its received headers moved into its map (see [`RawHeaders`]).

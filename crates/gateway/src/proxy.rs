@@ -111,7 +111,12 @@ impl State {
             registry,
             limits: config.limits.clone(),
             client,
-            pool: crate::pool::Pool::new(256, Duration::from_secs(90), Duration::from_secs(5)),
+            pool: crate::pool::Pool::new(
+                config.workers.threads().unwrap_or(1),
+                256,
+                Duration::from_secs(90),
+                Duration::from_secs(5),
+            ),
             inline: config.inline_upstream_connections,
             h2c,
             retry_buffer_bytes: config.retry_buffer_bytes,

@@ -9,9 +9,8 @@ use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpSocket};
 use tokio::sync::{oneshot, watch};
-use tokio::task::JoinHandle;
 use trellis_registry::ServiceRegistry;
 
 use crate::config::{ConfigError, GatewayConfig};
@@ -30,6 +29,13 @@ pub enum GatewayError {
     /// Bad configuration.
     #[error(transparent)]
     Config(#[from] ConfigError),
+    /// A worker thread or its runtime could not be started.
+    #[error("cannot start a gateway worker thread: {source}")]
+    Worker {
+        /// The I/O error.
+        #[source]
+        source: std::io::Error,
+    },
     /// The listen address could not be bound.
     #[error("cannot listen on {addr}: {source}")]
     Bind {
@@ -84,15 +90,14 @@ impl ApiGateway {
         self
     }
 
-    /// Binds the configured address and serves in the background.
-    pub async fn start(self) -> Result<RunningGateway, GatewayError> {
+    /// Binds the configured address and serves in the background: on worker threads of
+    /// its own, or as tasks of the current runtime with `workers = "runtime"` (see
+    /// [`Workers`](crate::Workers)).
+    pub async fn start(mut self) -> Result<RunningGateway, GatewayError> {
         let addr = self.config.listen_addr()?;
-        let listener = TcpListener::bind(addr)
-            .await
-            .map_err(|source| GatewayError::Bind { addr, source })?;
-        let local = listener
-            .local_addr()
-            .map_err(|source| GatewayError::Bind { addr, source })?;
+        // Resolved once: the pool's slots and the threads must agree.
+        let threads = self.config.workers.threads();
+        self.config.workers = threads.map_or(crate::Workers::Runtime, crate::Workers::Threads);
         let verifier = match self.config.authentication.as_ref().filter(|a| a.enabled) {
             Some(auth) => Some(trellis_auth::JwtVerifier::from_config(auth).map_err(|e| {
                 GatewayError::Config(ConfigError::Invalid {
@@ -102,23 +107,125 @@ impl ApiGateway {
             })?),
             None => None,
         };
-        let state = Arc::new(State::new(
+        let routes = self.config.routes.len();
+        let (stop, stopped) = watch::channel(false);
+        let (local, state, done) = match threads {
+            None => {
+                let listener = TcpListener::bind(addr)
+                    .await
+                    .map_err(|source| GatewayError::Bind { addr, source })?;
+                let local = listener
+                    .local_addr()
+                    .map_err(|source| GatewayError::Bind { addr, source })?;
+                let state = self.state(verifier);
+                let (finished, done) = oneshot::channel();
+                tokio::spawn(accept_loop(listener, state.clone(), stopped, finished));
+                (local, state, vec![done])
+            }
+            Some(threads) => {
+                // Every listener is bound before any thread starts: a bind error is
+                // reported here and leaves nothing running.
+                let mut workers = Vec::with_capacity(threads);
+                let mut local = addr;
+                for _ in 0..threads {
+                    let runtime = tokio::runtime::Builder::new_current_thread()
+                        .enable_all()
+                        .build()
+                        .map_err(|source| GatewayError::Worker { source })?;
+                    // Registered with the worker's own reactor.
+                    let listener = {
+                        let _entered = runtime.enter();
+                        bind_shared(local, threads > 1)
+                            .map_err(|source| GatewayError::Bind { addr, source })?
+                    };
+                    // The port the first socket got (when 0 was asked for) is the one the
+                    // others share.
+                    local = listener
+                        .local_addr()
+                        .map_err(|source| GatewayError::Bind { addr, source })?;
+                    workers.push(Worker {
+                        runtime: Some(runtime),
+                        listener: Some(listener),
+                    });
+                }
+                let state = self.state(verifier);
+                let mut done = Vec::with_capacity(threads);
+                for (slot, mut worker) in workers.into_iter().enumerate() {
+                    let (state, stopped) = (state.clone(), stopped.clone());
+                    let (finished, finished_rx) = oneshot::channel();
+                    std::thread::Builder::new()
+                        .name(format!("trellis-gateway-{slot}"))
+                        .spawn(move || {
+                            crate::pool::set_worker_slot(slot);
+                            if let (Some(runtime), Some(listener)) =
+                                (&worker.runtime, worker.listener.take())
+                            {
+                                runtime.block_on(accept_loop(listener, state, stopped, finished));
+                            }
+                        })
+                        .map_err(|source| GatewayError::Worker { source })?;
+                    done.push(finished_rx);
+                }
+                (local, state, done)
+            }
+        };
+        tracing::info!(
+            addr = %local,
+            routes,
+            workers = threads.unwrap_or(0),
+            "gateway listening"
+        );
+        Ok(RunningGateway {
+            addr: local,
+            state,
+            stop,
+            done,
+        })
+    }
+
+    fn state(self, verifier: Option<trellis_auth::JwtVerifier>) -> Arc<State> {
+        Arc::new(State::new(
             &self.config,
             self.registry,
             verifier,
             self.metrics,
             self.tracer,
-        ));
-        let (stop, stopped) = oneshot::channel();
-        let task = tokio::spawn(accept_loop(listener, state.clone(), stopped));
-        tracing::info!(addr = %local, routes = self.config.routes.len(), "gateway listening");
-        Ok(RunningGateway {
-            addr: local,
-            state,
-            stop: Some(stop),
-            task,
-        })
+        ))
     }
+}
+
+/// A worker thread's runtime and listener. Its runtime is shut down without blocking
+/// when dropped: when starting fails half-way (dropping a runtime inside an async context
+/// would panic), and when the worker ends (connections past the drain deadline are cut,
+/// not waited for).
+struct Worker {
+    runtime: Option<tokio::runtime::Runtime>,
+    listener: Option<TcpListener>,
+}
+
+impl Drop for Worker {
+    fn drop(&mut self) {
+        drop(self.listener.take());
+        if let Some(runtime) = self.runtime.take() {
+            runtime.shutdown_background();
+        }
+    }
+}
+
+/// A listening socket on `addr`, with `SO_REUSEPORT` when `shared` (several workers, one
+/// socket each, the kernel spreading connections over them).
+fn bind_shared(addr: SocketAddr, shared: bool) -> std::io::Result<TcpListener> {
+    let socket = if addr.is_ipv4() {
+        TcpSocket::new_v4()?
+    } else {
+        TcpSocket::new_v6()?
+    };
+    socket.set_reuseaddr(true)?;
+    if shared {
+        socket.set_reuseport(true)?;
+    }
+    socket.bind(addr)?;
+    socket.listen(1024)
 }
 
 /// A gateway serving in the background.
@@ -126,8 +233,10 @@ impl ApiGateway {
 pub struct RunningGateway {
     addr: SocketAddr,
     state: Arc<State>,
-    stop: Option<oneshot::Sender<()>>,
-    task: JoinHandle<()>,
+    /// Set (or dropped) to stop every worker.
+    stop: watch::Sender<bool>,
+    /// One per worker, completed when it has drained.
+    done: Vec<oneshot::Receiver<()>>,
 }
 
 impl std::fmt::Debug for State {
@@ -163,15 +272,24 @@ impl RunningGateway {
     }
 
     /// Stops accepting, lets in-flight requests finish (up to 10 s), then returns.
-    pub async fn shutdown(mut self) {
-        if let Some(stop) = self.stop.take() {
-            let _ = stop.send(());
+    /// Dropping a running gateway does the same in the background.
+    pub async fn shutdown(self) {
+        let _ = self.stop.send(true);
+        for done in self.done {
+            // An error: the worker ended without saying so (it panicked).
+            let _ = done.await;
         }
-        let _ = (&mut self.task).await;
     }
 }
 
-async fn accept_loop(listener: TcpListener, state: Arc<State>, mut stopped: oneshot::Receiver<()>) {
+/// Serves `listener`'s connections until `stopped` changes (or its sender is dropped), then
+/// drains them and completes `finished`.
+async fn accept_loop(
+    listener: TcpListener,
+    state: Arc<State>,
+    mut stopped: watch::Receiver<bool>,
+    finished: oneshot::Sender<()>,
+) {
     // Connections handed to hyper (h2c, upgrades) drain through `graceful`; the
     // gateway's own HTTP/1 connections each hold a receiver of `drain`, which tells them
     // to finish the request in flight and close, and is dropped when they end.
@@ -245,7 +363,7 @@ async fn accept_loop(listener: TcpListener, state: Arc<State>, mut stopped: ones
                     }
                 });
             }
-            _ = &mut stopped => break,
+            _ = stopped.changed() => break,
         }
     }
     drop(listener);
@@ -258,4 +376,5 @@ async fn accept_loop(listener: TcpListener, state: Arc<State>, mut stopped: ones
     if tokio::time::timeout(DRAIN, drained).await.is_err() {
         tracing::warn!("gateway connections still open after {DRAIN:?}; closing");
     }
+    let _ = finished.send(());
 }

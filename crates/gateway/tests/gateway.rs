@@ -429,3 +429,91 @@ async fn content_length_with_transfer_encoding_is_refused() {
     }
     s.gateway.shutdown().await;
 }
+
+/// An upstream that answers with the port its caller connected from: one port per
+/// upstream connection the gateway opened.
+async fn port_echo() -> u16 {
+    let app = axum::Router::new().fallback(any(
+        |axum::extract::ConnectInfo(peer): axum::extract::ConnectInfo<std::net::SocketAddr>| async move {
+            peer.port().to_string()
+        },
+    ));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    tokio::spawn(async move {
+        axum::serve(
+            listener,
+            app.into_make_service_with_connect_info::<std::net::SocketAddr>(),
+        )
+        .await
+        .unwrap()
+    });
+    port
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn worker_threads_share_the_port_and_keep_their_own_upstream_connections() {
+    let upstream = port_echo().await;
+    let s = setup_with(GatewayConfig {
+        workers: trellis_gateway::Workers::Threads(3),
+        routes: vec![RouteConfig::new("/*", "svc")],
+        ..GatewayConfig::default()
+    })
+    .await;
+    s.registry
+        .register("svc", Instance::new("i1", "127.0.0.1", upstream))
+        .await
+        .unwrap();
+    // Every request on a connection of its own: the kernel spreads them over the three
+    // workers' sockets, and a socket no worker served would leave its requests unanswered.
+    let fresh = reqwest::Client::builder()
+        .pool_max_idle_per_host(0)
+        .timeout(Duration::from_secs(5))
+        .build()
+        .unwrap();
+    let mut upstream_ports = std::collections::HashSet::new();
+    for i in 0..30 {
+        let response = fresh.get(format!("{}/n/{i}", s.base)).send().await.unwrap();
+        assert_eq!(response.status(), 200, "request {i}");
+        upstream_ports.insert(response.text().await.unwrap());
+    }
+    // One at a time, so each worker needed one upstream connection and reused it: more
+    // than one in all shows several workers served (and did not share a connection
+    // registered with another's reactor), at most three that each kept its own.
+    assert!(
+        (2..=3).contains(&upstream_ports.len()),
+        "upstream connections: {upstream_ports:?}"
+    );
+    // Shutdown lets a request in flight finish, then nothing listens.
+    let slow = echo("slow", Duration::from_millis(300)).await;
+    s.registry
+        .register("svc", Instance::new("i1", "127.0.0.1", slow))
+        .await
+        .unwrap();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        let body = fresh
+            .get(format!("{}/x", s.base))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        if body.contains("slow") {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the new instance was never used"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let (http, base) = (fresh.clone(), s.base.clone());
+    let in_flight = tokio::spawn(async move { http.get(format!("{base}/x")).send().await });
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    s.gateway.shutdown().await;
+    let response = in_flight.await.unwrap().unwrap();
+    assert_eq!(response.status(), 200);
+    assert!(fresh.get(format!("{}/x", s.base)).send().await.is_err());
+}
