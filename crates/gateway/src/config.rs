@@ -82,8 +82,10 @@ impl LoadBalancer {
 /// connections on its own listening socket (`SO_REUSEPORT`: the kernel spreads new
 /// connections over them), like nginx's worker processes or Envoy's `--concurrency`: a
 /// connection and the upstream connections its requests use stay on one thread, with no
-/// work stealing or cross-thread wake-ups on the way. Upstream keep-alive connections are
-/// pooled per thread. Routes, balancers, breakers, rate limits and metrics are shared.
+/// work stealing or cross-thread wake-ups on the way. The gateway's own upstream HTTP/1.1
+/// keep-alive connections are pooled per thread (hyper-util's client, used for h2c,
+/// upgrades and `inline_upstream_connections = false`, keeps one pool for all). Routes,
+/// balancers, breakers, rate limits and metrics are shared.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum Workers {
     /// One thread per CPU the process may run on (`std::thread::available_parallelism`,

@@ -19,7 +19,7 @@
 //!
 //! - **Worker threads** ([`Workers`], `workers = "auto"` by default): one thread per CPU,
 //!   each with its own single-threaded tokio runtime, listening socket (`SO_REUSEPORT`) and
-//!   upstream keep-alive connections, as nginx's workers or Envoy's `--concurrency`; routes,
+//!   pooled upstream connections, as nginx's workers or Envoy's `--concurrency`; routes,
 //!   balancers, breakers, rate limits and metrics are shared. `workers = "runtime"` serves
 //!   on the runtime that started the gateway instead.
 //! - **Weights (blue-green, canary).** An instance's `weight` registry metadata (default 1)
