@@ -80,7 +80,8 @@ impl LoadBalancer {
 ///
 /// With threads, each one runs its own single-threaded tokio runtime and accepts
 /// connections on its own listening socket (`SO_REUSEPORT`: the kernel spreads new
-/// connections over them), like nginx's worker processes or Envoy's `--concurrency`: a
+/// connections over them; the port is still refused when another process holds it), like
+/// nginx's worker processes or Envoy's `--concurrency`: a
 /// connection and the upstream connections its requests use stay on one thread, with no
 /// work stealing or cross-thread wake-ups on the way. The gateway's own upstream HTTP/1.1
 /// keep-alive connections are pooled per thread (hyper-util's client, used for h2c,

@@ -127,26 +127,41 @@ impl ApiGateway {
                 // reported here and leaves nothing running.
                 let mut workers = Vec::with_capacity(threads);
                 let mut local = addr;
+                if threads > 1 {
+                    // `SO_REUSEPORT` would let these sockets share the port with any other
+                    // process that sets it too (a second node started on the same
+                    // config): a plain socket first, so that a port in use is refused as
+                    // it is with one socket; the workers' sockets then take its port.
+                    let probe = std::net::TcpListener::bind(addr)
+                        .map_err(|source| GatewayError::Bind { addr, source })?;
+                    local = probe
+                        .local_addr()
+                        .map_err(|source| GatewayError::Bind { addr, source })?;
+                }
                 for _ in 0..threads {
                     let runtime = tokio::runtime::Builder::new_current_thread()
                         .enable_all()
                         .build()
                         .map_err(|source| GatewayError::Worker { source })?;
                     // Registered with the worker's own reactor.
-                    let listener = {
+                    let bound = {
                         let _entered = runtime.enter();
                         bind_shared(local, threads > 1)
-                            .map_err(|source| GatewayError::Bind { addr, source })?
                     };
-                    // The port the first socket got (when 0 was asked for) is the one the
-                    // others share.
+                    // In a `Worker` before anything can fail: on an error below, its
+                    // runtime is shut down without blocking.
+                    let mut worker = Worker {
+                        runtime: Some(runtime),
+                        listener: None,
+                    };
+                    let listener = bound.map_err(|source| GatewayError::Bind { addr, source })?;
+                    // The port the first socket got (when 0 was asked for with one worker)
+                    // is the one reported.
                     local = listener
                         .local_addr()
                         .map_err(|source| GatewayError::Bind { addr, source })?;
-                    workers.push(Worker {
-                        runtime: Some(runtime),
-                        listener: Some(listener),
-                    });
+                    worker.listener = Some(listener);
+                    workers.push(worker);
                 }
                 let state = self.state(verifier);
                 let mut done = Vec::with_capacity(threads);

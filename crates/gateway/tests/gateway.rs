@@ -484,6 +484,24 @@ async fn worker_threads_share_the_port_and_keep_their_own_upstream_connections()
         (2..=3).contains(&upstream_ports.len()),
         "upstream connections: {upstream_ports:?}"
     );
+    // Sharing the port between the workers does not share it with anyone else: a second
+    // gateway on the same address is refused, with one worker or several.
+    for workers in [1, 2] {
+        let second = ApiGateway::new(
+            GatewayConfig {
+                listen: s.gateway.local_addr().to_string(),
+                workers: trellis_gateway::Workers::Threads(workers),
+                ..GatewayConfig::default()
+            },
+            s.registry.clone(),
+        )
+        .unwrap()
+        .start()
+        .await
+        .map(|g| g.local_addr());
+        let err = second.unwrap_err().to_string();
+        assert!(err.contains("cannot listen on"), "{workers} workers: {err}");
+    }
     // Shutdown lets a request in flight finish, then nothing listens.
     let slow = echo("slow", Duration::from_millis(300)).await;
     s.registry
