@@ -23,6 +23,7 @@ use std::collections::HashMap;
 use std::future::poll_fn;
 use std::io;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::{Context, Poll, ready};
 use std::time::{Duration, Instant};
@@ -159,16 +160,19 @@ pub(crate) struct Pool {
     /// `Authority`'s own `Hash` feeds the hasher one lower-cased byte at a time, a cost
     /// paid twice per request here. (Authorities come from registry records, so their
     /// case does not vary.)
-    slots: Box<[Mutex<Slot>]>,
+    slots: Box<[Mutex<IdleMap>]>,
     max_idle_per_host: usize,
     idle_timeout: Duration,
     connect_timeout: Duration,
+    /// When the pool was made: the origin of `next_sweep`.
+    created: Instant,
+    /// Milliseconds after `created` when idle connections are next swept.
+    next_sweep: AtomicU64,
 }
 
-/// One worker's idle connections, and when they were last swept.
-struct Slot {
-    idle: IdleMap,
-    last_sweep: Instant,
+/// A duration in whole milliseconds (saturating).
+fn millis(duration: Duration) -> u64 {
+    u64::try_from(duration.as_millis()).unwrap_or(u64::MAX)
 }
 
 thread_local! {
@@ -202,24 +206,20 @@ impl Pool {
         idle_timeout: Duration,
         connect_timeout: Duration,
     ) -> Arc<Self> {
-        let now = Instant::now();
         Arc::new(Pool {
             slots: (0..slots.max(1))
-                .map(|_| {
-                    Mutex::new(Slot {
-                        idle: IdleMap::default(),
-                        last_sweep: now,
-                    })
-                })
+                .map(|_| Mutex::new(IdleMap::default()))
                 .collect(),
             max_idle_per_host,
             idle_timeout,
             connect_timeout,
+            created: Instant::now(),
+            next_sweep: AtomicU64::new(millis(idle_timeout)),
         })
     }
 
     /// This thread's slot.
-    fn slot(&self) -> MutexGuard<'_, Slot> {
+    fn slot(&self) -> MutexGuard<'_, IdleMap> {
         let slots = &self.slots;
         slots[WORKER_SLOT.get() % slots.len()]
             .lock()
@@ -229,7 +229,7 @@ impl Pool {
     /// A pooled connection to `authority` that is still open, if any.
     fn checkout(&self, authority: &Authority) -> Option<Conn> {
         loop {
-            let idle = self.slot().idle.get_mut(authority.as_str())?.pop()?;
+            let idle = self.slot().get_mut(authority.as_str())?.pop()?;
             let mut conn = idle.conn;
             if idle.since.elapsed() > self.idle_timeout || !conn.is_idle_and_open() {
                 continue;
@@ -240,40 +240,57 @@ impl Pool {
 
     fn put(&self, authority: &Authority, conn: Conn) {
         let now = Instant::now();
-        let stale = {
+        {
             let mut slot = self.slot();
             let entry = Idle { conn, since: now };
-            match slot.idle.get_mut(authority.as_str()) {
+            match slot.get_mut(authority.as_str()) {
                 Some(list) if list.len() < self.max_idle_per_host => list.push(entry),
                 Some(_) => {}
                 None if self.max_idle_per_host > 0 => {
-                    slot.idle.insert(authority.as_str().into(), vec![entry]);
+                    slot.insert(authority.as_str().into(), vec![entry]);
                 }
                 None => {}
             }
-            self.sweep(&mut slot, now)
-        };
-        // Closed outside the lock.
-        drop(stale);
+        }
+        self.sweep(now);
     }
 
-    /// Every idle timeout, takes out the slot's connections idle for longer (of instances
-    /// no longer used, too).
-    fn sweep(&self, slot: &mut Slot, now: Instant) -> Vec<Idle> {
-        if now.duration_since(slot.last_sweep) < self.idle_timeout {
-            return Vec::new();
+    /// Every idle timeout, closes the connections idle for longer (of instances no longer
+    /// used, too) in every slot: a worker that gets no more requests does not keep its
+    /// connections open (half-closed by the upstream) for ever. One thread sweeps; the
+    /// others only read when the next sweep is due.
+    fn sweep(&self, now: Instant) {
+        let at = millis(now.duration_since(self.created));
+        let due = self.next_sweep.load(Ordering::Relaxed);
+        if at < due
+            || self
+                .next_sweep
+                .compare_exchange(
+                    due,
+                    at.saturating_add(millis(self.idle_timeout)),
+                    Ordering::Relaxed,
+                    Ordering::Relaxed,
+                )
+                .is_err()
+        {
+            return;
         }
-        slot.last_sweep = now;
         let mut stale = Vec::new();
-        for list in slot.idle.values_mut() {
-            let (keep, old): (Vec<Idle>, Vec<Idle>) = list
-                .drain(..)
-                .partition(|i| now.duration_since(i.since) <= self.idle_timeout);
-            *list = keep;
-            stale.extend(old);
+        for slot in &self.slots {
+            let mut slot = slot
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            for list in slot.values_mut() {
+                let (keep, old): (Vec<Idle>, Vec<Idle>) = list
+                    .drain(..)
+                    .partition(|i| now.duration_since(i.since) <= self.idle_timeout);
+                *list = keep;
+                stale.extend(old);
+            }
+            slot.retain(|_, list| !list.is_empty());
         }
-        slot.idle.retain(|_, list| !list.is_empty());
-        stale
+        // Closed outside the locks.
+        drop(stale);
     }
 
     async fn connect(&self, authority: &Authority) -> Result<Conn, PoolError> {
@@ -927,6 +944,51 @@ mod tests {
         assert_eq!(
             seen[1],
             "POST /p?q=1 HTTP/1.1\r\nhost: up\r\ncontent-length: 4\r\n\r\nbody"
+        );
+    }
+
+    #[tokio::test]
+    async fn each_worker_has_its_own_connections_and_every_slot_is_swept() {
+        let (authority, _, accepted) =
+            upstream(vec!["HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok"; 100]).await;
+        let pool = Pool::new(2, 8, Duration::from_millis(50), Duration::from_secs(1));
+        let idle = |slot: usize| -> usize {
+            pool.slots[slot]
+                .lock()
+                .unwrap()
+                .values()
+                .map(Vec::len)
+                .sum()
+        };
+        let get = || async {
+            let response = pool
+                .send(&authority, request(Method::GET, crate::proxy::empty()))
+                .await
+                .unwrap();
+            // Read to its end: the connection goes back to this thread's slot.
+            assert_eq!(text(response).await, "ok");
+        };
+        set_worker_slot(1);
+        get().await;
+        assert_eq!((idle(0), idle(1)), (0, 1));
+        // Worker 0 does not take worker 1's connection (registered with its reactor).
+        set_worker_slot(0);
+        get().await;
+        assert_eq!((idle(0), idle(1)), (1, 1));
+        assert_eq!(accepted.load(Ordering::SeqCst), 2);
+        // Worker 1 gets no more requests: once its connection has been idle longer than
+        // the timeout, a release on worker 0 closes it.
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while idle(1) > 0 {
+            assert!(Instant::now() < deadline, "slot 1 never swept");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+            get().await;
+        }
+        assert_eq!(idle(0), 1, "worker 0 keeps its fresh connection");
+        assert_eq!(
+            accepted.load(Ordering::SeqCst),
+            2,
+            "and reuses it throughout"
         );
     }
 
