@@ -81,19 +81,19 @@ impl LoadBalancer {
 /// With threads, each one runs its own single-threaded tokio runtime and accepts
 /// connections on its own listening socket (`SO_REUSEPORT`: the kernel spreads new
 /// connections over them; the port is still refused when another process holds it), like
-/// nginx's worker processes or Envoy's `--concurrency`: a
-/// connection and the upstream connections its requests use stay on one thread, with no
-/// work stealing or cross-thread wake-ups on the way. The gateway's own upstream HTTP/1.1
-/// keep-alive connections are pooled per thread (hyper-util's client, used for h2c,
-/// upgrades and `inline_upstream_connections = false`, keeps one pool for all). Routes,
-/// balancers, breakers, rate limits and metrics are shared.
+/// nginx's worker processes or Envoy's `--concurrency`: a connection and the upstream
+/// connections its requests use stay on one thread, with no work stealing or cross-thread
+/// wake-ups on the way. The gateway's own upstream HTTP/1.1 keep-alive connections are
+/// pooled per thread (hyper-util's client, used for h2c, upgrades and
+/// `inline_upstream_connections = false`, keeps one pool for all). Routes, balancers,
+/// breakers, rate limits and metrics are shared.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum Workers {
     /// One thread per CPU the process may run on (`std::thread::available_parallelism`,
     /// which honours CPU affinity and cgroup quotas). The default.
     #[default]
     Auto,
-    /// This many threads (1 to 1024).
+    /// This many threads (1 to [`Workers::MAX`]).
     Threads(usize),
     /// No threads of its own: connections are tasks of the tokio runtime that started
     /// the gateway (spread over that runtime's threads). For embedding beside other work,
@@ -102,6 +102,9 @@ pub enum Workers {
 }
 
 impl Workers {
+    /// The most threads a gateway runs.
+    pub const MAX: usize = 1024;
+
     /// How many threads of its own the gateway runs; `None` for [`Workers::Runtime`].
     pub fn threads(self) -> Option<usize> {
         match self {
@@ -118,11 +121,15 @@ impl<'de> Deserialize<'de> for Workers {
         impl serde::de::Visitor<'_> for Visitor {
             type Value = Workers;
             fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-                f.write_str("a number of threads (1 to 1024), \"auto\" or \"runtime\"")
+                write!(
+                    f,
+                    "a number of threads (1 to {}), \"auto\" or \"runtime\"",
+                    Workers::MAX
+                )
             }
             fn visit_u64<E: serde::de::Error>(self, n: u64) -> Result<Workers, E> {
                 match usize::try_from(n) {
-                    Ok(n @ 1..=1024) => Ok(Workers::Threads(n)),
+                    Ok(n @ 1..=Workers::MAX) => Ok(Workers::Threads(n)),
                     _ => Err(E::invalid_value(serde::de::Unexpected::Unsigned(n), &self)),
                 }
             }
@@ -623,11 +630,14 @@ impl GatewayConfig {
             cors.validate("cors")?;
         }
         if let Workers::Threads(n) = self.workers
-            && !(1..=1024).contains(&n)
+            && !(1..=Workers::MAX).contains(&n)
         {
             return Err(invalid(
                 "workers",
-                format!("{n} threads; give 1 to 1024, \"auto\" or \"runtime\""),
+                format!(
+                    "{n} threads; give 1 to {}, \"auto\" or \"runtime\"",
+                    Workers::MAX
+                ),
             ));
         }
         if self.retry_buffer_bytes > 16 << 20 {
