@@ -41,7 +41,7 @@
 //! proxying to nginx: tracing off 26.0k, rate 0 28.1k, rate 0.1 29.2k, rate 1.0 38.1k.
 //! In the gateway benchmark (README, performance section) rate 0.1 costs 0.3–13.0% of the
 //! requests per second (median of 8 rounds, each against the same round's "off"; ≤ 5% in
-//! 4 of 7 runs) and 0.3–0.7 µs of user time per request in most runs; rate 0 costs
+//! 5 of 8 runs) and 0.3–0.7 µs of user time per request in most runs; rate 0 costs
 //! 0–0.6 µs.
 //!
 //! The trace buffer keeps spans in one ring in the order they ended, each as a few plain
