@@ -170,6 +170,12 @@ pub(crate) struct Pool {
     next_sweep: AtomicU64,
 }
 
+/// A slot's map, poisoned or not: it is only pushed to, popped from and swept.
+fn lock(slot: &Mutex<IdleMap>) -> MutexGuard<'_, IdleMap> {
+    slot.lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
 /// A duration in whole milliseconds (saturating).
 fn millis(duration: Duration) -> u64 {
     u64::try_from(duration.as_millis()).unwrap_or(u64::MAX)
@@ -220,10 +226,7 @@ impl Pool {
 
     /// This thread's slot.
     fn slot(&self) -> MutexGuard<'_, IdleMap> {
-        let slots = &self.slots;
-        slots[WORKER_SLOT.get() % slots.len()]
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
+        lock(&self.slots[WORKER_SLOT.get() % self.slots.len()])
     }
 
     /// A pooled connection to `authority` that is still open, if any.
@@ -277,9 +280,7 @@ impl Pool {
         }
         let mut stale = Vec::new();
         for slot in &self.slots {
-            let mut slot = slot
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            let mut slot = lock(slot);
             for list in slot.values_mut() {
                 let (keep, old): (Vec<Idle>, Vec<Idle>) = list
                     .drain(..)

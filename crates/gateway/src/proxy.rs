@@ -84,8 +84,11 @@ pub(crate) struct State {
 }
 
 impl State {
+    /// `workers`: the gateway's worker threads (one upstream pool slot each; 1 when it
+    /// serves on the caller's runtime).
     pub(crate) fn new(
         config: &GatewayConfig,
+        workers: usize,
         registry: ServiceRegistry,
         verifier: Option<JwtVerifier>,
         metrics: Option<crate::metrics::GatewayMetrics>,
@@ -112,7 +115,7 @@ impl State {
             limits: config.limits.clone(),
             client,
             pool: crate::pool::Pool::new(
-                config.workers.threads().unwrap_or(1),
+                workers,
                 256,
                 Duration::from_secs(90),
                 Duration::from_secs(5),

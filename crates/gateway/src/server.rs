@@ -93,11 +93,10 @@ impl ApiGateway {
     /// Binds the configured address and serves in the background: on worker threads of
     /// its own, or as tasks of the current runtime with `workers = "runtime"` (see
     /// [`Workers`](crate::Workers)).
-    pub async fn start(mut self) -> Result<RunningGateway, GatewayError> {
+    pub async fn start(self) -> Result<RunningGateway, GatewayError> {
         let addr = self.config.listen_addr()?;
         // Resolved once: the pool's slots and the threads must agree.
         let threads = self.config.workers.threads();
-        self.config.workers = threads.map_or(crate::Workers::Runtime, crate::Workers::Threads);
         let verifier = match self.config.authentication.as_ref().filter(|a| a.enabled) {
             Some(auth) => Some(trellis_auth::JwtVerifier::from_config(auth).map_err(|e| {
                 GatewayError::Config(ConfigError::Invalid {
@@ -117,7 +116,7 @@ impl ApiGateway {
                 let local = listener
                     .local_addr()
                     .map_err(|source| GatewayError::Bind { addr, source })?;
-                let state = self.state(verifier);
+                let state = self.into_state(1, verifier);
                 let (finished, done) = oneshot::channel();
                 tokio::spawn(accept_loop(listener, state.clone(), stopped, finished));
                 (local, state, vec![done])
@@ -163,7 +162,7 @@ impl ApiGateway {
                     worker.listener = Some(listener);
                     workers.push(worker);
                 }
-                let state = self.state(verifier);
+                let state = self.into_state(threads, verifier);
                 let mut done = Vec::with_capacity(threads);
                 for (slot, mut worker) in workers.into_iter().enumerate() {
                     let (state, stopped) = (state.clone(), stopped.clone());
@@ -198,9 +197,10 @@ impl ApiGateway {
         })
     }
 
-    fn state(self, verifier: Option<trellis_auth::JwtVerifier>) -> Arc<State> {
+    fn into_state(self, workers: usize, verifier: Option<trellis_auth::JwtVerifier>) -> Arc<State> {
         Arc::new(State::new(
             &self.config,
+            workers,
             self.registry,
             verifier,
             self.metrics,
