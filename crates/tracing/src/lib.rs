@@ -41,8 +41,8 @@
 //! proxying to nginx: tracing off 26.0k, rate 0 28.1k, rate 0.1 29.2k, rate 1.0 38.1k.
 //! In the gateway benchmark (README, performance section), each traced node measured side
 //! by side with an untraced one on the same core, rate 0.1 costs 3.0–4.2% of the requests
-//! per second and 3.5–4.3% of the requests per CPU second (four runs, medians of 8–12
-//! rounds; an untraced node beside an untraced one: within 0.6%), rate 0 0.9–2.2%, rate
+//! per second and 3.5–4.7% of the requests per CPU second (five runs, medians of 8–12
+//! rounds; an untraced node beside an untraced one: within 0.6%), rate 0 0.9–2.3%, rate
 //! 1.0 10.9–14.1%; 0.5–0.6 µs of user time per request at 0.1.
 //!
 //! The trace buffer keeps spans in one ring in the order they ended, each as a few plain
