@@ -42,7 +42,7 @@ use tokio::net::TcpStream;
 use tokio::sync::watch;
 
 use crate::pool::RawHeaders;
-use crate::proxy::Body;
+use crate::proxy::{Body, REQUEST_ID};
 
 /// Most headers accepted in a request head (as hyper); more is answered 431.
 const MAX_HEADERS: usize = 100;
@@ -127,6 +127,42 @@ impl HeadInfo {
         ambiguous: false,
         hop_by_hop: true,
     };
+}
+
+/// What the service answers a request with: a response, and headers written beside its
+/// map's without being put into it (each insert into a `HeaderMap` costs hashing and,
+/// for a first header, allocating the map).
+pub(crate) struct Reply {
+    /// Status, the headers the gateway set, and the body.
+    pub(crate) response: Response<Body>,
+    /// An upstream's headers as received, written after the map's except those of names
+    /// the map (or `request_id`) has.
+    pub(crate) raw: Option<RawHeaders>,
+    /// `X-Request-Id`, in place of any in the map or in `raw`.
+    pub(crate) request_id: Option<HeaderValue>,
+}
+
+impl Reply {
+    /// The response with every header in its map, for a writer that knows only the map
+    /// (hyper's).
+    pub(crate) fn into_response(self) -> Response<Body> {
+        let (mut parts, body) = self.response.into_parts();
+        if let Some(id) = self.request_id {
+            parts.headers.insert(REQUEST_ID, id);
+        }
+        crate::pool::materialize(&mut parts.headers, self.raw);
+        Response::from_parts(parts, body)
+    }
+}
+
+impl From<Response<Body>> for Reply {
+    fn from(response: Response<Body>) -> Self {
+        Reply {
+            response,
+            raw: None,
+            request_id: None,
+        }
+    }
 }
 
 /// Whether `name` is a hop-by-hop header (RFC 9110 §7.6.1): it describes one connection
@@ -214,8 +250,10 @@ pub(crate) fn parse_head(
         Uri::from_maybe_shared(head.slice(path.0..path.1))
             .map_err(|_| HeadError::BadRequest("invalid request target"))?
     };
-    // Room for the forwarding headers the proxy adds, so that the map does not grow.
-    let mut map = HeaderMap::with_capacity(scratch.len() + 6);
+    // Room for a claim or trace header or two. (The forwarding headers are written by the
+    // upstream pool, not put into the map; a map of up to 6 entries stays under 1 KiB,
+    // where the allocator's fast path ends.)
+    let mut map = HeaderMap::with_capacity(scratch.len() + 2);
     let mut length: Option<u64> = None;
     let mut transfer_encoding = false;
     let mut chunked = false;
@@ -739,11 +777,11 @@ pub(crate) async fn serve<S, F>(
     stream: TcpStream,
     limits: ConnLimits,
     mut service: S,
-    mut shutdown: watch::Receiver<bool>,
+    shutdown: watch::Receiver<bool>,
 ) -> Served
 where
     S: FnMut(Request<RequestBody>, HeadInfo) -> F,
-    F: Future<Output = Response<Body>>,
+    F: Future<Output = Reply>,
 {
     let conn = Arc::new(Conn {
         io: stream,
@@ -762,19 +800,16 @@ where
     let mut first = true;
     let timer = tokio::time::sleep(limits.header_read_timeout);
     tokio::pin!(timer);
+    // One wait for shutdown per connection, registered on its first poll and kept: a
+    // `changed()` per request would add and remove a waiter under a lock every time.
+    let mut watcher = shutdown.clone();
+    let stop = watcher.changed();
+    tokio::pin!(stop);
     loop {
         if shutdown.has_changed().unwrap_or(true) {
             break;
         }
-        let next = next_head(
-            &conn,
-            limits,
-            &mut scratch,
-            first,
-            &mut timer,
-            &mut shutdown,
-        )
-        .await;
+        let next = next_head(&conn, limits, &mut scratch, first, &mut timer, &mut stop).await;
         first = false;
         let head = match next {
             Next::Head(head) => head,
@@ -856,14 +891,14 @@ where
             ambiguous,
             hop_by_hop,
         };
-        let response = service(request, info).await;
+        let reply = service(request, info).await;
         let body_done = {
             let mut reader = conn.reader();
             reader.answered = true;
             reader.decoder == Decoder::Done
         };
         let keep_alive = keep_alive && body_done && !shutdown.has_changed().unwrap_or(true);
-        match write_response(&conn, &mut out, response, head_request, version, keep_alive).await {
+        match write_response(&conn, &mut out, reply, head_request, version, keep_alive).await {
             Ok(true) => {}
             Ok(false) | Err(_) => break,
         }
@@ -889,7 +924,7 @@ async fn next_head(
     scratch: &mut Vec<Indices>,
     first: bool,
     timer: &mut Pin<&mut tokio::time::Sleep>,
-    shutdown: &mut watch::Receiver<bool>,
+    stop: &mut Pin<&mut impl Future<Output = Result<(), watch::error::RecvError>>>,
 ) -> Next {
     let mut armed = false;
     loop {
@@ -941,7 +976,8 @@ async fn next_head(
                 tracing::debug!("header read timeout");
                 return Next::Close;
             }
-            _ = shutdown.changed() => return Next::Close,
+            // Done once: the connection closes and it is not polled again.
+            _ = stop.as_mut() => return Next::Close,
         }
     }
 }
@@ -950,11 +986,16 @@ async fn next_head(
 async fn write_response(
     conn: &Conn,
     out: &mut Vec<u8>,
-    response: Response<Body>,
+    reply: Reply,
     head_request: bool,
     version: Version,
     mut keep_alive: bool,
 ) -> io::Result<bool> {
+    let Reply {
+        response,
+        raw,
+        request_id,
+    } = reply;
     let (parts, mut body) = response.into_parts();
     let status = parts.status;
     let no_body = head_request
@@ -979,19 +1020,29 @@ async fn write_response(
             continue;
         } else if *name == header::DATE {
             has_date = true;
+        } else if request_id.is_some() && *name == REQUEST_ID {
+            continue;
         }
         out.extend_from_slice(name.as_str().as_bytes());
         out.extend_from_slice(b": ");
         out.extend_from_slice(value.as_bytes());
         out.extend_from_slice(b"\r\n");
     }
+    if let Some(id) = &request_id {
+        out.extend_from_slice(REQUEST_ID.as_str().as_bytes());
+        out.extend_from_slice(b": ");
+        out.extend_from_slice(id.as_bytes());
+        out.extend_from_slice(b"\r\n");
+    }
     // An upstream's headers as received, after those of the map (which win).
-    if let Some(raw) = parts.extensions.get::<RawHeaders>() {
+    if let Some(raw) = &raw {
         for (name, value) in raw.iter() {
             if parts
                 .headers
                 .keys()
                 .any(|own| own.as_str().as_bytes().eq_ignore_ascii_case(name))
+                || (request_id.is_some()
+                    && name.eq_ignore_ascii_case(REQUEST_ID.as_str().as_bytes()))
             {
                 continue;
             }
@@ -1597,7 +1648,9 @@ mod tests {
                 while let Ok((stream, _)) = listener.accept().await {
                     let rx = rx.clone();
                     tokio::spawn(async move {
-                        let _ = serve(stream, limits, echo, rx).await;
+                        let service =
+                            |request, info| async move { Reply::from(echo(request, info).await) };
+                        let _ = serve(stream, limits, service, rx).await;
                     });
                 }
             });

@@ -39,7 +39,9 @@ use tokio::net::TcpStream;
 use crate::h1::{
     Decoded, Decoder, Framing, Indices, answer_length, header_indices, is_hop_by_hop_name,
 };
-use crate::proxy::{Body, BoxError};
+use crate::proxy::{
+    Body, BoxError, REQUEST_ID, X_FORWARDED_FOR, X_FORWARDED_HOST, X_FORWARDED_PROTO,
+};
 
 /// Most headers accepted in a response head.
 const MAX_HEADERS: usize = 100;
@@ -316,17 +318,19 @@ impl Pool {
         })
     }
 
-    /// Sends `request` (origin-form URI, `Host` set) to `authority` on a pooled or new
-    /// connection, driving the connection from the calling task.
+    /// Sends `request` (origin-form URI; `Host` set, or given in `forwarding`) to
+    /// `authority` on a pooled or new connection, driving the connection from the calling
+    /// task. The answer's headers come beside it, as received (see [`RawHeaders`]).
     pub(crate) async fn send(
         self: &Arc<Self>,
         authority: &Authority,
         request: Request<Body>,
-    ) -> Result<Response<Body>, PoolError> {
+        forwarding: Option<&Forwarding<'_>>,
+    ) -> Result<(Response<Body>, RawHeaders), PoolError> {
         let (parts, mut body) = request.into_parts();
         let head_request = parts.method == Method::HEAD;
         let mut out = Vec::with_capacity(1024);
-        let sending = encode_head(&parts, &body, &mut out);
+        let sending = encode_head(&parts, &body, forwarding, &mut out);
         let mut ended = body.is_end_stream();
         if !ended {
             ended = gather(&mut body, &mut out, sending)
@@ -358,7 +362,7 @@ impl Pool {
             }
         }
         drop(body);
-        let (head, decoder, reusable) = poll_fn(|cx| read_head(&mut conn, cx, head_request))
+        let (head, raw, decoder, reusable) = poll_fn(|cx| read_head(&mut conn, cx, head_request))
             .await
             .map_err(PoolError::Request)?;
         let body = PooledBody {
@@ -368,12 +372,76 @@ impl Pool {
             authority: authority.clone(),
             pool: Arc::clone(self),
         };
-        Ok(Response::from_parts(head, body.boxed()))
+        Ok((Response::from_parts(head, body.boxed()), raw))
     }
 }
 
-/// Writes the request line and headers, with the body's framing; returns it.
-fn encode_head(parts: &http::request::Parts, body: &Body, out: &mut Vec<u8>) -> Sending {
+/// What a proxied request says about where it came from, written by [`Pool::send`] after
+/// the request's own headers, of which those of the same names are left out. (Written,
+/// not put into the request's `HeaderMap`: five inserts into the map cost about as much
+/// as encoding the whole head.)
+pub(crate) struct Forwarding<'a> {
+    /// `Host`: the instance's address.
+    pub(crate) host: &'a HeaderValue,
+    /// The caller's address, added to `X-Forwarded-For`.
+    pub(crate) peer_ip: &'a HeaderValue,
+    /// `X-Forwarded-Host`: the host the caller asked for, when it named one.
+    pub(crate) forwarded_host: Option<&'a HeaderValue>,
+    /// `X-Request-Id`.
+    pub(crate) request_id: &'a HeaderValue,
+}
+
+impl Forwarding<'_> {
+    /// Whether a request's own header of this name gives way to the forwarding ones.
+    fn replaces(name: &HeaderName) -> bool {
+        *name == header::HOST
+            || *name == X_FORWARDED_FOR
+            || *name == X_FORWARDED_PROTO
+            || *name == X_FORWARDED_HOST
+            || *name == REQUEST_ID
+    }
+
+    /// Appends the header lines; `previous_for` is the request's own `X-Forwarded-For`.
+    fn encode(&self, previous_for: Option<&HeaderValue>, out: &mut Vec<u8>) {
+        let mut line = |name: &[u8], parts: &[&[u8]]| {
+            out.extend_from_slice(name);
+            out.extend_from_slice(b": ");
+            for part in parts {
+                out.extend_from_slice(part);
+            }
+            out.extend_from_slice(b"\r\n");
+        };
+        line(b"host", &[self.host.as_bytes()]);
+        // A previous hop's list is kept when it is text, as `HeaderValue::to_str` sees it.
+        match previous_for.filter(|v| v.to_str().is_ok()) {
+            Some(previous) => line(
+                X_FORWARDED_FOR.as_str().as_bytes(),
+                &[previous.as_bytes(), b", ", self.peer_ip.as_bytes()],
+            ),
+            None => line(
+                X_FORWARDED_FOR.as_str().as_bytes(),
+                &[self.peer_ip.as_bytes()],
+            ),
+        }
+        line(X_FORWARDED_PROTO.as_str().as_bytes(), &[b"http"]);
+        if let Some(host) = self.forwarded_host {
+            line(X_FORWARDED_HOST.as_str().as_bytes(), &[host.as_bytes()]);
+        }
+        line(
+            REQUEST_ID.as_str().as_bytes(),
+            &[self.request_id.as_bytes()],
+        );
+    }
+}
+
+/// Writes the request line and headers (with `forwarding`'s in place of the request's
+/// own of those names), with the body's framing; returns it.
+fn encode_head(
+    parts: &http::request::Parts,
+    body: &Body,
+    forwarding: Option<&Forwarding<'_>>,
+    out: &mut Vec<u8>,
+) -> Sending {
     out.extend_from_slice(parts.method.as_str().as_bytes());
     out.push(b' ');
     out.extend_from_slice(
@@ -385,8 +453,15 @@ fn encode_head(parts: &http::request::Parts, body: &Body, out: &mut Vec<u8>) -> 
     );
     out.extend_from_slice(b" HTTP/1.1\r\n");
     let mut has_length = false;
+    let mut previous_for = None;
     for (name, value) in &parts.headers {
         if *name == header::TRANSFER_ENCODING {
+            continue;
+        }
+        if forwarding.is_some() && Forwarding::replaces(name) {
+            if *name == X_FORWARDED_FOR && previous_for.is_none() {
+                previous_for = Some(value);
+            }
             continue;
         }
         has_length |= *name == header::CONTENT_LENGTH;
@@ -394,6 +469,9 @@ fn encode_head(parts: &http::request::Parts, body: &Body, out: &mut Vec<u8>) -> 
         out.extend_from_slice(b": ");
         out.extend_from_slice(value.as_bytes());
         out.extend_from_slice(b"\r\n");
+    }
+    if let Some(forwarding) = forwarding {
+        forwarding.encode(previous_for, out);
     }
     let sending = if has_length {
         Sending::Length
@@ -454,21 +532,22 @@ async fn gather(body: &mut Body, out: &mut Vec<u8>, sending: Sending) -> Result<
     }
 }
 
-/// Reads the response head (skipping interim 1xx answers): the head, the body's decoder,
-/// and whether the connection may be reused after the body. The head has no hop-by-hop
-/// headers but for a 101 (this is a proxy's client: they describe this connection only).
+/// A response head as read: status and version, the headers, how the body is read, and
+/// whether the connection may be reused after it.
+type ReadHead = (http::response::Parts, RawHeaders, Body2, bool);
+
+/// Reads the response head (skipping interim 1xx answers). The headers have no hop-by-hop
+/// ones but for a 101 (this is a proxy's client: they describe this connection only).
 fn read_head(
     conn: &mut Conn,
     cx: &mut Context<'_>,
     head_request: bool,
-) -> Poll<Result<(http::response::Parts, Body2, bool), ClientError>> {
+) -> Poll<Result<ReadHead, ClientError>> {
     loop {
         if !conn.buf.is_empty() {
             match parse_response(&mut conn.buf, head_request)? {
                 Some(Parsed::Interim) => continue,
-                Some(Parsed::Head(head, decoder, reusable)) => {
-                    return Poll::Ready(Ok((head, decoder, reusable)));
-                }
+                Some(Parsed::Head(head)) => return Poll::Ready(Ok(head)),
                 None => {}
             }
         }
@@ -489,7 +568,7 @@ enum Body2 {
 
 enum Parsed {
     Interim,
-    Head(http::response::Parts, Body2, bool),
+    Head(ReadHead),
 }
 
 fn parse_response(buf: &mut BytesMut, head_request: bool) -> Result<Option<Parsed>, ClientError> {
@@ -604,16 +683,20 @@ fn parse_response(buf: &mut BytesMut, head_request: bool) -> Result<Option<Parse
     let mut response = Response::new(());
     *response.status_mut() = status;
     *response.version_mut() = version;
-    response.extensions_mut().insert(RawHeaders { head, lines });
-    Ok(Some(Parsed::Head(response.into_parts().0, body, reusable)))
+    Ok(Some(Parsed::Head((
+        response.into_parts().0,
+        RawHeaders { head, lines },
+        body,
+        reusable,
+    ))))
 }
 
 /// An upstream answer's end-to-end headers as they came: the head's bytes and where each
-/// header lies in them (hop-by-hop ones left out). The pool puts them in the answer's
-/// extensions instead of its `HeaderMap`: a proxied answer's headers are copied out as
-/// received (names in their case), never parsed into names and values. The `HeaderMap`
-/// holds what the gateway adds, and wins over a received header of the same name;
-/// [`materialize`] moves them into the map for code that reads or edits them.
+/// header lies in them (hop-by-hop ones left out). The pool returns them beside the answer
+/// instead of in its `HeaderMap`: a proxied answer's headers are copied out as received
+/// (names in their case), never parsed into names and values. The `HeaderMap` holds what
+/// the gateway adds, and wins over a received header of the same name; [`materialize`]
+/// moves them into the map for code that reads or edits them.
 #[derive(Debug, Clone)]
 pub(crate) struct RawHeaders {
     head: Bytes,
@@ -631,8 +714,8 @@ impl RawHeaders {
 
 /// Moves the received headers of an answer (see [`RawHeaders`]) into its `HeaderMap`,
 /// after the headers already there, except those the map already names.
-pub(crate) fn materialize(headers: &mut HeaderMap, extensions: &mut http::Extensions) {
-    let Some(raw) = extensions.remove::<RawHeaders>() else {
+pub(crate) fn materialize(headers: &mut HeaderMap, raw: Option<RawHeaders>) {
+    let Some(raw) = raw else {
         return;
     };
     let own: Vec<HeaderName> = headers.keys().cloned().collect();
@@ -851,13 +934,13 @@ mod tests {
     }
 
     /// The answer with its received headers moved into its map (see [`RawHeaders`]).
-    fn received(response: Response<Body>) -> Response<Body> {
+    fn received((response, raw): (Response<Body>, RawHeaders)) -> Response<Body> {
         let (mut parts, body) = response.into_parts();
         assert!(
             parts.headers.is_empty(),
             "the pool adds no header of its own"
         );
-        materialize(&mut parts.headers, &mut parts.extensions);
+        materialize(&mut parts.headers, Some(raw));
         Response::from_parts(parts, body)
     }
 
@@ -875,13 +958,15 @@ mod tests {
         .await;
         let pool = pool();
         let response = pool
-            .send(&authority, request(Method::GET, crate::proxy::empty()))
+            .send(
+                &authority,
+                request(Method::GET, crate::proxy::empty()),
+                None,
+            )
             .await
             .unwrap();
         let raw: Vec<_> = response
-            .extensions()
-            .get::<RawHeaders>()
-            .unwrap()
+            .1
             .iter()
             .map(|(name, value)| (name.to_vec(), value.to_vec()))
             .collect();
@@ -895,7 +980,7 @@ mod tests {
         }
         assert_eq!(text(response).await, "hello");
         let response = pool
-            .send(&authority, request(Method::POST, full("body")))
+            .send(&authority, request(Method::POST, full("body")), None)
             .await
             .map(received)
             .unwrap();
@@ -903,16 +988,25 @@ mod tests {
         assert!(!response.headers().contains_key("transfer-encoding"));
         assert_eq!(text(response).await, "abcde");
         let response = pool
-            .send(&authority, request(Method::HEAD, crate::proxy::empty()))
+            .send(
+                &authority,
+                request(Method::HEAD, crate::proxy::empty()),
+                None,
+            )
             .await
             .map(received)
             .unwrap();
         assert_eq!(response.headers()["content-length"], "9");
         assert_eq!(text(response).await, "");
         let response = pool
-            .send(&authority, request(Method::DELETE, crate::proxy::empty()))
+            .send(
+                &authority,
+                request(Method::DELETE, crate::proxy::empty()),
+                None,
+            )
             .await
-            .unwrap();
+            .unwrap()
+            .0;
         assert_eq!(response.status(), 204);
         assert_eq!(text(response).await, "");
         assert_eq!(
@@ -921,19 +1015,34 @@ mod tests {
             "one kept-alive connection so far"
         );
         let response = pool
-            .send(&authority, request(Method::GET, crate::proxy::empty()))
+            .send(
+                &authority,
+                request(Method::GET, crate::proxy::empty()),
+                None,
+            )
             .await
-            .unwrap();
+            .unwrap()
+            .0;
         assert_eq!(text(response).await, "until close");
         let response = pool
-            .send(&authority, request(Method::GET, crate::proxy::empty()))
+            .send(
+                &authority,
+                request(Method::GET, crate::proxy::empty()),
+                None,
+            )
             .await
-            .unwrap();
+            .unwrap()
+            .0;
         assert_eq!(text(response).await, "ok");
         let response = pool
-            .send(&authority, request(Method::GET, crate::proxy::empty()))
+            .send(
+                &authority,
+                request(Method::GET, crate::proxy::empty()),
+                None,
+            )
             .await
-            .unwrap();
+            .unwrap()
+            .0;
         assert_eq!(text(response).await, "ok");
         assert_eq!(
             accepted.load(Ordering::SeqCst),
@@ -946,6 +1055,73 @@ mod tests {
             seen[1],
             "POST /p?q=1 HTTP/1.1\r\nhost: up\r\ncontent-length: 4\r\n\r\nbody"
         );
+    }
+
+    #[tokio::test]
+    async fn forwarding_headers_take_the_place_of_the_requests_own() {
+        let (authority, seen, _) =
+            upstream(vec!["HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n"; 3]).await;
+        let pool = pool();
+        let (host, peer_ip, asked, id) = (
+            HeaderValue::from_static("10.1.2.3:8080"),
+            HeaderValue::from_static("127.0.0.1"),
+            HeaderValue::from_static("api.example"),
+            HeaderValue::from_static("id-1"),
+        );
+        let forwarding = Forwarding {
+            host: &host,
+            peer_ip: &peer_ip,
+            forwarded_host: Some(&asked),
+            request_id: &id,
+        };
+        // A caller's own forwarding headers: its X-Forwarded-For list (the first of two)
+        // grows; the others are replaced. Names match whatever their case on the wire.
+        let mut spoofed = request(Method::GET, crate::proxy::empty());
+        for (name, value) in [
+            ("x-forwarded-for", "10.0.0.1, 10.0.0.2"),
+            ("x-forwarded-for", "10.9.9.9"),
+            ("x-forwarded-proto", "https"),
+            ("x-forwarded-host", "evil.example"),
+            ("x-request-id", "mine"),
+            ("x-other", "kept"),
+        ] {
+            spoofed
+                .headers_mut()
+                .append(name, HeaderValue::from_static(value));
+        }
+        let plain = request(Method::GET, crate::proxy::empty());
+        // A list that is not text (obs-text) is not carried on.
+        let mut binary = request(Method::GET, crate::proxy::empty());
+        binary.headers_mut().insert(
+            "x-forwarded-for",
+            HeaderValue::from_bytes(b"10.0.0.1 \xff").unwrap(),
+        );
+        for request in [spoofed, plain, binary] {
+            let (response, _) = pool
+                .send(&authority, request, Some(&forwarding))
+                .await
+                .unwrap();
+            assert_eq!(text(response).await, "");
+        }
+        let seen = seen.lock().unwrap();
+        let tail = "x-forwarded-proto: http\r\nx-forwarded-host: api.example\r\n\
+                    x-request-id: id-1\r\n\r\n";
+        assert_eq!(
+            seen[0],
+            format!(
+                "GET /p?q=1 HTTP/1.1\r\nx-other: kept\r\nhost: 10.1.2.3:8080\r\n\
+                 x-forwarded-for: 10.0.0.1, 10.0.0.2, 127.0.0.1\r\n{tail}"
+            )
+        );
+        for plain in &seen[1..] {
+            assert_eq!(
+                *plain,
+                format!(
+                    "GET /p?q=1 HTTP/1.1\r\nhost: 10.1.2.3:8080\r\n\
+                     x-forwarded-for: 127.0.0.1\r\n{tail}"
+                )
+            );
+        }
     }
 
     #[tokio::test]
@@ -963,9 +1139,14 @@ mod tests {
         };
         let get = || async {
             let response = pool
-                .send(&authority, request(Method::GET, crate::proxy::empty()))
+                .send(
+                    &authority,
+                    request(Method::GET, crate::proxy::empty()),
+                    None,
+                )
                 .await
-                .unwrap();
+                .unwrap()
+                .0;
             // Read to its end: the connection goes back to this thread's slot.
             assert_eq!(text(response).await, "ok");
         };
@@ -1006,9 +1187,11 @@ mod tests {
             .send(
                 &authority,
                 request(Method::PUT, StreamBody::new(frames).boxed()),
+                None,
             )
             .await
-            .unwrap();
+            .unwrap()
+            .0;
         assert_eq!(text(response).await, "");
         assert_eq!(
             seen.lock().unwrap()[0],
@@ -1019,6 +1202,7 @@ mod tests {
             .send(
                 &authority,
                 request(Method::PUT, StreamBody::new(failing).boxed()),
+                None,
             )
             .await
             .unwrap_err();
@@ -1032,7 +1216,11 @@ mod tests {
     async fn malformed_or_cut_answers_are_errors() {
         let (authority, _, _) = upstream(vec!["NOT HTTP\r\n\r\n"]).await;
         let error = pool()
-            .send(&authority, request(Method::GET, crate::proxy::empty()))
+            .send(
+                &authority,
+                request(Method::GET, crate::proxy::empty()),
+                None,
+            )
             .await
             .unwrap_err();
         assert!(
@@ -1044,9 +1232,14 @@ mod tests {
         ])
         .await;
         let response = pool()
-            .send(&authority, request(Method::GET, crate::proxy::empty()))
+            .send(
+                &authority,
+                request(Method::GET, crate::proxy::empty()),
+                None,
+            )
             .await
-            .unwrap();
+            .unwrap()
+            .0;
         assert!(response.into_body().collect().await.is_err());
     }
 }

@@ -1,6 +1,5 @@
 //! The request path: route, pick an upstream instance, forward, stream the answer back.
 
-use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -30,8 +29,9 @@ use trellis_tracing::opentelemetry::KeyValue;
 use trellis_tracing::{DistributedTracer, HttpServerSpan};
 
 use crate::config::{GatewayConfig, Limits, UpstreamProtocol};
-use crate::h1::{HeadInfo, is_hop_by_hop};
+use crate::h1::{HeadInfo, Reply, is_hop_by_hop};
 use crate::metrics::AttemptStatus;
+use crate::pool::{Forwarding, RawHeaders};
 use crate::route::{Route, RouteTable, Upstream, check_path};
 
 /// Error type of bodies travelling through the gateway.
@@ -39,10 +39,10 @@ pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 /// Body type of requests and responses travelling through the gateway.
 pub type Body = BoxBody<Bytes, BoxError>;
 
-const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
-const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
-const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
-const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
+pub(crate) const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+pub(crate) const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+pub(crate) const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+pub(crate) const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
 /// A client's mark that a non-idempotent request may be sent twice.
 const RETRYABLE: HeaderName = HeaderName::from_static("x-trellis-retryable");
 
@@ -341,7 +341,7 @@ pub(crate) async fn handle<B>(
     request: Request<B>,
     peer: Arc<Peer>,
     info: HeadInfo,
-) -> Result<Response<Body>, Infallible>
+) -> Reply
 where
     B: hyper::body::Body<Data = Bytes> + Send + Sync + 'static,
     B::Error: Into<BoxError>,
@@ -376,8 +376,8 @@ where
         )
         .await
     };
-    let mut response = match forwarded {
-        Ok(response) => response,
+    let (mut response, mut raw) = match forwarded {
+        Ok(answer) => answer,
         Err(refusal) => {
             tracing::debug!(?refusal, "request refused");
             if let Some(span) = &span
@@ -385,20 +385,19 @@ where
             {
                 span.log(format!("refused: {refusal:?}"));
             }
-            refusal.response()
+            (refusal.response(), None)
         }
     };
     if let Some(span) = span {
         span.finish(response.status().as_u16());
     }
-    response.headers_mut().insert(REQUEST_ID, request_id);
     let route = matched.and_then(|m| Some((table.routes.get(m.route)?, m.preflight)));
     if let Some((route, false)) = route
         && let Some(cors) = &route.cors
     {
         // CORS edits what the upstream sent (its Access-Control-* go, Vary grows).
         let (mut parts, body) = response.into_parts();
-        crate::pool::materialize(&mut parts.headers, &mut parts.extensions);
+        crate::pool::materialize(&mut parts.headers, raw.take());
         cors.apply(origin.as_ref(), &mut parts.headers);
         response = Response::from_parts(parts, body);
     }
@@ -410,7 +409,11 @@ where
             None => metrics.observe("none", "none", status, seconds),
         }
     }
-    Ok(response)
+    Reply {
+        response,
+        raw,
+        request_id: Some(request_id),
+    }
 }
 
 /// A request body as the attempts see it.
@@ -534,7 +537,7 @@ async fn forward<B>(
     request: Request<B>,
     incoming: Incoming<'_>,
     matched: &mut Option<Matched>,
-) -> Result<Response<Body>, Refusal>
+) -> Result<(Response<Body>, Option<RawHeaders>), Refusal>
 where
     B: hyper::body::Body<Data = Bytes> + Send + Sync + 'static,
     B::Error: Into<BoxError>,
@@ -565,7 +568,7 @@ where
             route: index,
             preflight: true,
         });
-        return Ok(cors.preflight(&wanted, &parts.headers));
+        return Ok((cors.preflight(&wanted, &parts.headers), None));
     }
     let (index, route) = table
         .find_index(&parts.method, host_name, path, &parts.headers)
@@ -682,7 +685,10 @@ where
     if hop_by_hop {
         strip_hop_by_hop(&mut parts.headers);
     }
-    forward_headers(&mut parts.headers, peer, host.as_ref(), request_id);
+    if !use_pool {
+        // (The pool writes them itself, see `Forwarding`.)
+        forward_headers(&mut parts.headers, peer, host.as_ref(), request_id);
+    }
     if let Some(protocol) = upgrade_protocol {
         parts.headers.insert(header::UPGRADE, protocol);
         parts
@@ -807,13 +813,24 @@ where
         let sent = if use_pool {
             // Origin-form request line, and the Host the legacy client would have set.
             upstream_parts.uri = Uri::from(path_and_query.clone());
-            upstream_parts
-                .headers
-                .insert(header::HOST, picked.value().host.clone());
+            let forwarding = Forwarding {
+                host: &picked.value().host,
+                peer_ip: &peer.ip,
+                forwarded_host: host.as_ref(),
+                request_id,
+            };
             let request = Request::from_parts(upstream_parts, attempt_body);
-            tokio::time::timeout(timeout, state.pool.send(&picked.value().authority, request))
-                .await
-                .map(|r| r.map_err(|e| -> BoxError { Box::new(e) }))
+            tokio::time::timeout(
+                timeout,
+                state
+                    .pool
+                    .send(&picked.value().authority, request, Some(&forwarding)),
+            )
+            .await
+            .map(|r| {
+                r.map(|(response, raw)| (response, Some(raw)))
+                    .map_err(|e| -> BoxError { Box::new(e) })
+            })
         } else {
             tokio::time::timeout(
                 timeout,
@@ -822,14 +839,16 @@ where
             .await
             .map(|r| {
                 r.map(|response| {
-                    response.map(|body| body.map_err(|e| -> BoxError { Box::new(e) }).boxed())
+                    let response =
+                        response.map(|body| body.map_err(|e| -> BoxError { Box::new(e) }).boxed());
+                    (response, None)
                 })
                 .map_err(|e| -> BoxError { Box::new(e) })
             })
         };
         if let (Some(metrics), Some(sent_at)) = (&picked.value().metrics, sent_at) {
             let status = match &sent {
-                Ok(Ok(response)) => AttemptStatus::Answered(response.status().as_u16()),
+                Ok(Ok((response, _))) => AttemptStatus::Answered(response.status().as_u16()),
                 Ok(Err(_)) => AttemptStatus::Error,
                 Err(_) => AttemptStatus::Timeout,
             };
@@ -837,7 +856,7 @@ where
         }
         if let Some(client_span) = client_span {
             match &sent {
-                Ok(Ok(response)) => client_span.finish(response.status().as_u16()),
+                Ok(Ok((response, _))) => client_span.finish(response.status().as_u16()),
                 Ok(Err(e)) => client_span.fail(error_chain(&**e)),
                 Err(_) => client_span.fail(format_args!(
                     "no answer within {}",
@@ -848,15 +867,15 @@ where
         // Asked only when a retry is wanted, so answered requests spend no budget.
         let may_retry = || attempt < attempts && state.budget.withdraw();
         match sent {
-            Ok(Ok(response)) => {
-                let status = response.status();
+            Ok(Ok(answer)) => {
+                let status = answer.0.status();
                 let outcome = outcome_of(status);
                 picked.report(outcome);
                 if matches!(status.as_u16(), 502..=504) && may_retry() {
                     tokio::time::sleep(state.backoff.delay(attempt - 1)).await;
                     continue;
                 }
-                break Ok(response);
+                break Ok(answer);
             }
             Ok(Err(e)) => {
                 if let Some(client_error) = client_body_error(&*e) {
@@ -888,7 +907,7 @@ where
     };
     if let Some(permit) = permit {
         let failed = match &result {
-            Ok(response) => response.status().is_server_error(),
+            Ok((response, _)) => response.status().is_server_error(),
             Err(Refusal::Timeout { .. } | Refusal::Unreachable { .. } | Refusal::NoInstance(_)) => {
                 true
             }
@@ -896,7 +915,7 @@ where
         };
         permit.record(failed);
     }
-    let mut response = result?;
+    let (mut response, raw) = result?;
     if response.status() == StatusCode::SWITCHING_PROTOCOLS
         && let Some(client_upgrade) = client_upgrade
     {
@@ -911,7 +930,7 @@ where
         parts
             .headers
             .insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
-        return Ok(Response::from_parts(parts, empty()));
+        return Ok((Response::from_parts(parts, empty()), None));
     }
     let (mut parts, body) = response.into_parts();
     if !use_pool {
@@ -921,7 +940,7 @@ where
     if let Some(info) = &rate_info {
         insert_rate_limit_headers(&mut parts.headers, info);
     }
-    Ok(Response::from_parts(parts, body))
+    Ok((Response::from_parts(parts, body), raw))
 }
 
 fn unreachable_budget() -> RetryBudget {

@@ -15,7 +15,6 @@ use trellis_registry::ServiceRegistry;
 
 use crate::config::{ConfigError, GatewayConfig};
 use crate::h1::{self, ConnLimits, HeadInfo, Served};
-use crate::pool::materialize;
 use crate::proxy::{Peer, State, handle};
 use crate::route::RouteTable;
 
@@ -347,12 +346,7 @@ async fn accept_loop(
                         h1::serve(
                             stream,
                             limits,
-                            |request, info| async move {
-                                match handle(state.clone(), request, peer.clone(), info).await {
-                                    Ok(response) => response,
-                                    Err(never) => match never {},
-                                }
-                            },
+                            |request, info| handle(state.clone(), request, peer.clone(), info),
                             drain,
                         )
                         .await
@@ -364,10 +358,7 @@ async fn accept_loop(
                     let service = service_fn(move |request| {
                         let answer = handle(state.clone(), request, peer.clone(), HeadInfo::UNKNOWN);
                         async move {
-                            let Ok(response) = answer.await;
-                            let (mut parts, body) = response.into_parts();
-                            materialize(&mut parts.headers, &mut parts.extensions);
-                            Ok::<_, std::convert::Infallible>(http::Response::from_parts(parts, body))
+                            Ok::<_, std::convert::Infallible>(answer.await.into_response())
                         }
                     });
                     let connection = builder
