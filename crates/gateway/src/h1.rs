@@ -250,10 +250,11 @@ pub(crate) fn parse_head(
         Uri::from_maybe_shared(head.slice(path.0..path.1))
             .map_err(|_| HeadError::BadRequest("invalid request target"))?
     };
-    // Room for a claim or trace header or two. (The forwarding headers are written by the
-    // upstream pool, not put into the map; a map of up to 6 entries stays under 1 KiB,
-    // where the allocator's fast path ends.)
-    let mut map = HeaderMap::with_capacity(scratch.len() + 2);
+    // Room for the trace headers a sampled request gets (the tracer reserves 4), so that
+    // the map does not grow. (The forwarding headers are written by the upstream pool,
+    // not put into the map; a map of up to 6 entries stays under 1 KiB, where the
+    // allocator's fast path ends.)
+    let mut map = HeaderMap::with_capacity(scratch.len() + 4);
     let mut length: Option<u64> = None;
     let mut transfer_encoding = false;
     let mut chunked = false;
