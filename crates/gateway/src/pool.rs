@@ -379,7 +379,8 @@ impl Pool {
 /// What a proxied request says about where it came from, written by [`Pool::send`] after
 /// the request's own headers, of which those of the same names are left out. (Written,
 /// not put into the request's `HeaderMap`: five inserts into the map cost about as much
-/// as encoding the whole head.)
+/// as encoding the whole head.) Requests sent by hyper's client get them in their map
+/// ([`Forwarding::insert_into`]).
 pub(crate) struct Forwarding<'a> {
     /// `Host`: the instance's address.
     pub(crate) host: &'a HeaderValue,
@@ -401,6 +402,31 @@ impl Forwarding<'_> {
             || *name == REQUEST_ID
     }
 
+    /// The request's own `X-Forwarded-For` (its first), when it is a list to extend:
+    /// text, as `HeaderValue::to_str` sees it.
+    fn previous_hops(own: Option<&HeaderValue>) -> Option<&HeaderValue> {
+        own.filter(|v| v.to_str().is_ok())
+    }
+
+    /// Puts the headers into a request's map, replacing its own of those names, but for
+    /// `Host`, which goes: hyper's client sets it from the request's URI.
+    pub(crate) fn insert_into(&self, headers: &mut HeaderMap) {
+        headers.remove(header::HOST);
+        let forwarded_for = match Self::previous_hops(headers.get(X_FORWARDED_FOR)) {
+            Some(previous) => HeaderValue::from_bytes(
+                &[previous.as_bytes(), b", ", self.peer_ip.as_bytes()].concat(),
+            )
+            .unwrap_or_else(|_| self.peer_ip.clone()),
+            None => self.peer_ip.clone(),
+        };
+        headers.insert(X_FORWARDED_FOR, forwarded_for);
+        headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static("http"));
+        if let Some(host) = self.forwarded_host {
+            headers.insert(X_FORWARDED_HOST, host.clone());
+        }
+        headers.insert(REQUEST_ID, self.request_id.clone());
+    }
+
     /// Appends the header lines; `previous_for` is the request's own `X-Forwarded-For`.
     fn encode(&self, previous_for: Option<&HeaderValue>, out: &mut Vec<u8>) {
         let mut line = |name: &[u8], parts: &[&[u8]]| {
@@ -412,8 +438,7 @@ impl Forwarding<'_> {
             out.extend_from_slice(b"\r\n");
         };
         line(b"host", &[self.host.as_bytes()]);
-        // A previous hop's list is kept when it is text, as `HeaderValue::to_str` sees it.
-        match previous_for.filter(|v| v.to_str().is_ok()) {
+        match Self::previous_hops(previous_for) {
             Some(previous) => line(
                 X_FORWARDED_FOR.as_str().as_bytes(),
                 &[previous.as_bytes(), b", ", self.peer_ip.as_bytes()],
@@ -1122,6 +1147,39 @@ mod tests {
                 )
             );
         }
+    }
+
+    #[test]
+    fn forwarding_headers_in_a_map_for_hypers_client() {
+        let (host, peer_ip, asked, id) = (
+            HeaderValue::from_static("10.1.2.3:8080"),
+            HeaderValue::from_static("127.0.0.1"),
+            HeaderValue::from_static("api.example"),
+            HeaderValue::from_static("id-1"),
+        );
+        let forwarding = Forwarding {
+            host: &host,
+            peer_ip: &peer_ip,
+            forwarded_host: Some(&asked),
+            request_id: &id,
+        };
+        let mut headers = HeaderMap::new();
+        for (name, value) in [
+            ("host", "api.example"),
+            ("x-forwarded-for", "10.0.0.1"),
+            ("x-forwarded-for", "10.9.9.9"),
+            ("x-forwarded-proto", "https"),
+            ("x-request-id", "mine"),
+        ] {
+            headers.append(name, HeaderValue::from_static(value));
+        }
+        forwarding.insert_into(&mut headers);
+        assert!(!headers.contains_key("host"), "hyper sets it from the URI");
+        let all = |name: &str| -> Vec<&HeaderValue> { headers.get_all(name).iter().collect() };
+        assert_eq!(all("x-forwarded-for"), ["10.0.0.1, 127.0.0.1"]);
+        assert_eq!(all("x-forwarded-proto"), ["http"]);
+        assert_eq!(all("x-forwarded-host"), ["api.example"]);
+        assert_eq!(all("x-request-id"), ["id-1"]);
     }
 
     #[tokio::test]

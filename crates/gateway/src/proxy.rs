@@ -685,10 +685,6 @@ where
     if hop_by_hop {
         strip_hop_by_hop(&mut parts.headers);
     }
-    if !use_pool {
-        // (The pool writes them itself, see `Forwarding`.)
-        forward_headers(&mut parts.headers, peer, host.as_ref(), request_id);
-    }
     if let Some(protocol) = upgrade_protocol {
         parts.headers.insert(header::UPGRADE, protocol);
         parts
@@ -810,15 +806,15 @@ where
             .metrics
             .is_some()
             .then(std::time::Instant::now);
+        let forwarding = Forwarding {
+            host: &picked.value().host,
+            peer_ip: &peer.ip,
+            forwarded_host: host.as_ref(),
+            request_id,
+        };
         let sent = if use_pool {
-            // Origin-form request line, and the Host the legacy client would have set.
+            // Origin-form request line; the pool writes the forwarding headers.
             upstream_parts.uri = Uri::from(path_and_query.clone());
-            let forwarding = Forwarding {
-                host: &picked.value().host,
-                peer_ip: &peer.ip,
-                forwarded_host: host.as_ref(),
-                request_id,
-            };
             let request = Request::from_parts(upstream_parts, attempt_body);
             tokio::time::timeout(
                 timeout,
@@ -832,6 +828,7 @@ where
                     .map_err(|e| -> BoxError { Box::new(e) })
             })
         } else {
+            forwarding.insert_into(&mut upstream_parts.headers);
             tokio::time::timeout(
                 timeout,
                 client.request(Request::from_parts(upstream_parts, attempt_body)),
@@ -1120,30 +1117,6 @@ fn strip_hop_by_hop(headers: &mut HeaderMap) {
             headers.remove(name);
         }
     }
-}
-
-fn forward_headers(
-    headers: &mut HeaderMap,
-    peer: &Peer,
-    host: Option<&HeaderValue>,
-    request_id: &HeaderValue,
-) {
-    headers.remove(header::HOST);
-    let forwarded_for = match headers.get(X_FORWARDED_FOR).and_then(|v| v.to_str().ok()) {
-        Some(previous) => {
-            let ip = String::from_utf8_lossy(peer.ip.as_bytes());
-            HeaderValue::from_str(&format!("{previous}, {ip}")).ok()
-        }
-        None => Some(peer.ip.clone()),
-    };
-    if let Some(value) = forwarded_for {
-        headers.insert(X_FORWARDED_FOR, value);
-    }
-    headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static("http"));
-    if let Some(value) = host {
-        headers.insert(X_FORWARDED_HOST, value.clone());
-    }
-    headers.insert(REQUEST_ID, request_id.clone());
 }
 
 #[cfg(test)]
