@@ -382,8 +382,9 @@ impl Pool {
 /// as encoding the whole head.) Requests sent by hyper's client get them in their map
 /// ([`Forwarding::insert_into`]).
 pub(crate) struct Forwarding<'a> {
-    /// `Host`: the instance's address.
-    pub(crate) host: &'a HeaderValue,
+    /// `Host`: the instance's address (`None` before one is picked; only [`Pool::send`]
+    /// writes it).
+    pub(crate) host: Option<&'a HeaderValue>,
     /// The caller's address, added to `X-Forwarded-For`.
     pub(crate) peer_ip: &'a HeaderValue,
     /// `X-Forwarded-Host`: the host the caller asked for, when it named one.
@@ -394,7 +395,7 @@ pub(crate) struct Forwarding<'a> {
 
 impl Forwarding<'_> {
     /// Whether a request's own header of this name gives way to the forwarding ones.
-    fn replaces(name: &HeaderName) -> bool {
+    pub(crate) fn replaces(name: &HeaderName) -> bool {
         *name == header::HOST
             || *name == X_FORWARDED_FOR
             || *name == X_FORWARDED_PROTO
@@ -437,7 +438,9 @@ impl Forwarding<'_> {
             }
             out.extend_from_slice(b"\r\n");
         };
-        line(b"host", &[self.host.as_bytes()]);
+        if let Some(host) = self.host {
+            line(b"host", &[host.as_bytes()]);
+        }
         match Self::previous_hops(previous_for) {
             Some(previous) => line(
                 X_FORWARDED_FOR.as_str().as_bytes(),
@@ -1094,7 +1097,7 @@ mod tests {
             HeaderValue::from_static("id-1"),
         );
         let forwarding = Forwarding {
-            host: &host,
+            host: Some(&host),
             peer_ip: &peer_ip,
             forwarded_host: Some(&asked),
             request_id: &id,
@@ -1158,7 +1161,7 @@ mod tests {
             HeaderValue::from_static("id-1"),
         );
         let forwarding = Forwarding {
-            host: &host,
+            host: Some(&host),
             peer_ip: &peer_ip,
             forwarded_host: Some(&asked),
             request_id: &id,

@@ -732,11 +732,28 @@ where
         1
     };
     state.budget.deposit();
+    // A consistent hash on a forwarding header hashes it as it goes upstream (the
+    // caller's X-Forwarded-For with its address added, say), not as the caller sent it.
+    let hashed = route
+        .hash_header
+        .as_ref()
+        .is_some_and(Forwarding::replaces)
+        .then(|| {
+            let mut headers = parts.headers.clone();
+            Forwarding {
+                host: None,
+                peer_ip: &peer.ip,
+                forwarded_host: host.as_ref(),
+                request_id,
+            }
+            .insert_into(&mut headers);
+            headers
+        });
     let timeout = route.config.upstream_timeout();
     let mut attempt = 0;
     let result = loop {
         attempt += 1;
-        let Some(picked) = pick(state, route, &parts.headers) else {
+        let Some(picked) = pick(state, route, hashed.as_ref().unwrap_or(&parts.headers)) else {
             break Err(Refusal::NoInstance(service.to_owned()));
         };
         // The last attempt takes the request head; earlier ones copy it.
@@ -807,7 +824,7 @@ where
             .is_some()
             .then(std::time::Instant::now);
         let forwarding = Forwarding {
-            host: &picked.value().host,
+            host: Some(&picked.value().host),
             peer_ip: &peer.ip,
             forwarded_host: host.as_ref(),
             request_id,

@@ -535,3 +535,43 @@ async fn worker_threads_share_the_port_and_keep_their_own_upstream_connections()
     assert_eq!(response.status(), 200);
     assert!(fresh.get(format!("{}/x", s.base)).send().await.is_err());
 }
+
+/// A consistent hash on X-Forwarded-For hashes the list as it goes upstream, with the
+/// caller's address added: callers that send none still stick to one instance each.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn consistent_hash_on_a_forwarding_header_hashes_what_goes_upstream() {
+    let s = setup(vec![RouteConfig {
+        load_balancer: Some(trellis_gateway::LoadBalancer::ConsistentHash),
+        hash_header: Some("x-forwarded-for".into()),
+        ..RouteConfig::new("/h/*", "sticky")
+    }])
+    .await;
+    for (i, name) in ["a", "b", "c"].into_iter().enumerate() {
+        let port = path_echo(name).await;
+        s.registry
+            .register("sticky", Instance::new(format!("s{i}"), "127.0.0.1", port))
+            .await
+            .unwrap();
+    }
+    let server = |forwarded_for: Option<String>| {
+        let mut request = s.http.get(format!("{}/h/x", s.base));
+        if let Some(list) = forwarded_for {
+            request = request.header("x-forwarded-for", list);
+        }
+        async move {
+            let body: Value = request.send().await.unwrap().json().await.unwrap();
+            body["server"].as_str().unwrap().to_owned()
+        }
+    };
+    let mut without = std::collections::HashSet::new();
+    for _ in 0..30 {
+        without.insert(server(None).await);
+    }
+    assert_eq!(without.len(), 1, "one caller, one instance: {without:?}");
+    let mut with = std::collections::HashSet::new();
+    for n in 0..30 {
+        with.insert(server(Some(format!("10.0.0.{n}"))).await);
+    }
+    assert!(with.len() > 1, "30 lists on one instance: {with:?}");
+    s.gateway.shutdown().await;
+}
