@@ -927,7 +927,8 @@ async fn next_head(
     timer: &mut Pin<&mut tokio::time::Sleep>,
     stop: &mut Pin<&mut impl Future<Output = Result<(), watch::error::RecvError>>>,
 ) -> Next {
-    let mut armed = false;
+    // When this wait for a head times out.
+    let mut due = None;
     loop {
         {
             let mut guard = conn.reader();
@@ -960,11 +961,16 @@ async fn next_head(
                 Poll::Pending => {}
             }
         }
-        if !armed {
-            armed = true;
-            timer
-                .as_mut()
-                .reset(tokio::time::Instant::now() + limits.header_read_timeout);
+        if due.is_none() {
+            let at = tokio::time::Instant::now() + limits.header_read_timeout;
+            due = Some(at);
+            // The connection's one timer moves only when it would fire late. Still set
+            // for an earlier wait, it fires early and is moved then (below): a busy
+            // connection re-registers it in the timer wheel about once per timeout, not
+            // once per request.
+            if timer.deadline() > at {
+                timer.as_mut().reset(at);
+            }
         }
         tokio::select! {
             biased;
@@ -974,6 +980,12 @@ async fn next_head(
                 }
             }
             _ = timer.as_mut() => {
+                if let Some(at) = due
+                    && tokio::time::Instant::now() < at
+                {
+                    timer.as_mut().reset(at);
+                    continue;
+                }
                 tracing::debug!("header read timeout");
                 return Next::Close;
             }
@@ -1822,6 +1834,37 @@ mod tests {
                 .unwrap()
                 .unwrap();
             assert!(rest.is_empty());
+        }
+
+        /// The timer still set for the first wait fires during the second: the second
+        /// wait gets its whole timeout all the same, then the connection closes.
+        #[tokio::test]
+        async fn each_wait_for_a_head_gets_the_whole_timeout() {
+            let (addr, _stop, _task) = server(ConnLimits {
+                max_head: 1024,
+                header_read_timeout: Duration::from_millis(300),
+            })
+            .await;
+            let mut stream = TcpStream::connect(addr).await.unwrap();
+            // The first wait starts now and would end at 300 ms.
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            stream.write_all(b"GET / HTTP/1.1\r\n\r\n").await.unwrap();
+            let mut first = vec![0u8; 512];
+            let n = stream.read(&mut first).await.unwrap();
+            assert!(first[..n].starts_with(b"HTTP/1.1 200 OK"));
+            // The second wait starts at about 200 ms and ends 300 ms later, not at 300 ms.
+            let answered = std::time::Instant::now();
+            let mut rest = Vec::new();
+            tokio::time::timeout(Duration::from_secs(5), stream.read_to_end(&mut rest))
+                .await
+                .unwrap()
+                .unwrap();
+            assert!(rest.is_empty());
+            let waited = answered.elapsed();
+            assert!(
+                waited >= Duration::from_millis(250),
+                "closed after {waited:?}"
+            );
         }
     }
 }
