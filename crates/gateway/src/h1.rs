@@ -369,11 +369,9 @@ pub(crate) fn span(buf: &[u8], part: &[u8]) -> Option<(usize, usize)> {
 }
 
 /// An answer's `Content-Length` as the pool reads it from an upstream and the server
-/// writes it (surrounding blanks allowed); `None` when it is not a number.
+/// writes it (surrounding blanks allowed); `None` when it is not digits only.
 pub(crate) fn answer_length(value: &[u8]) -> Option<u64> {
-    std::str::from_utf8(value)
-        .ok()
-        .and_then(|v| v.trim().parse::<u64>().ok())
+    parse_length(value.trim_ascii())
 }
 
 /// Digits only, no sign, no overflow.
@@ -1433,6 +1431,30 @@ mod tests {
             .unwrap_err(),
             HeadError::TooLarge
         );
+    }
+
+    #[test]
+    fn answer_lengths_are_digits_between_blanks() {
+        assert_eq!(answer_length(b"20"), Some(20));
+        assert_eq!(answer_length(b" \t20 "), Some(20));
+        assert_eq!(answer_length(b"0"), Some(0));
+        for bad in [
+            &b""[..],
+            b" ",
+            b"+20",
+            b"-1",
+            b"2 0",
+            b"0x10",
+            b"20;",
+            b"99999999999999999999",
+        ] {
+            assert_eq!(
+                answer_length(bad),
+                None,
+                "{:?}",
+                String::from_utf8_lossy(bad)
+            );
+        }
     }
 
     #[test]
