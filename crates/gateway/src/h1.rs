@@ -579,23 +579,27 @@ impl Conn {
 
     /// Reads what the socket has into `reader.buf`: `Ready(Ok(0))` at end of stream.
     fn poll_fill(&self, reader: &mut Reader, cx: &mut Context<'_>) -> Poll<io::Result<usize>> {
-        if reader.buf.capacity() - reader.buf.len() < READ_SIZE / 2 {
-            reader.buf.reserve(READ_SIZE);
-        }
         loop {
-            match read_buf(&self.io, &mut reader.buf) {
-                Ok(n) => {
-                    if n == 0 {
-                        reader.eof = true;
-                    }
-                    return Poll::Ready(Ok(n));
-                }
+            match self.try_fill(reader) {
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                     ready!(self.io.poll_read_ready(cx))?;
                 }
-                Err(e) => return Poll::Ready(Err(e)),
+                result => return Poll::Ready(result),
             }
         }
+    }
+
+    /// Reads what the socket has into `reader.buf`, without waiting: `WouldBlock` when
+    /// there is nothing yet, `Ok(0)` at end of stream.
+    fn try_fill(&self, reader: &mut Reader) -> io::Result<usize> {
+        if reader.buf.capacity() - reader.buf.len() < READ_SIZE / 2 {
+            reader.buf.reserve(READ_SIZE);
+        }
+        let n = read_buf(&self.io, &mut reader.buf)?;
+        if n == 0 {
+            reader.eof = true;
+        }
+        Ok(n)
     }
 
     fn poll_body(
@@ -953,10 +957,11 @@ async fn next_head(
             if reader.eof {
                 return Next::Close;
             }
-            match conn.poll_fill(reader, &mut Context::from_waker(std::task::Waker::noop())) {
-                Poll::Ready(Ok(_)) => continue,
-                Poll::Ready(Err(_)) => return Next::Close,
-                Poll::Pending => {}
+            // Nothing yet: the wait below registers for the socket's readiness.
+            match conn.try_fill(reader) {
+                Ok(_) => continue,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                Err(_) => return Next::Close,
             }
         }
         if due.is_none() {

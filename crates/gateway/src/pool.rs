@@ -120,9 +120,16 @@ impl Conn {
         if !self.buf.is_empty() {
             return false;
         }
+        if self.buf.capacity() < READ_SIZE / 2 {
+            self.buf.reserve(READ_SIZE);
+        }
+        // Nothing to read is what an idle connection looks like; data or the end of the
+        // stream mean it is not. (While the socket is not known readable this is a check
+        // of its readiness, no system call; registering for readiness is left to the read
+        // of the answer.)
         matches!(
-            self.poll_fill(&mut Context::from_waker(std::task::Waker::noop())),
-            Poll::Pending
+            crate::h1::read_buf(&self.io, &mut self.buf),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock
         )
     }
 }
