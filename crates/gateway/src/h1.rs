@@ -801,18 +801,20 @@ where
     let mut scratch = Vec::with_capacity(16);
     let mut out = Vec::with_capacity(READ_SIZE);
     let mut first = true;
-    let timer = tokio::time::sleep(limits.header_read_timeout);
-    tokio::pin!(timer);
     // One wait for shutdown per connection, registered on its first poll and kept: a
     // `changed()` per request would add and remove a waiter under a lock every time.
     let mut watcher = shutdown.clone();
-    let stop = watcher.changed();
-    tokio::pin!(stop);
+    let mut waits = Waits {
+        timer: std::pin::pin!(tokio::time::sleep(limits.header_read_timeout)),
+        timer_polled: false,
+        stop: std::pin::pin!(watcher.changed()),
+        stop_polled: false,
+    };
     loop {
         if shutdown.has_changed().unwrap_or(true) {
             break;
         }
-        let next = next_head(&conn, limits, &mut scratch, first, &mut timer, &mut stop).await;
+        let next = next_head(&conn, limits, &mut scratch, first, &mut waits, &shutdown).await;
         first = false;
         let head = match next {
             Next::Head(head) => head,
@@ -921,13 +923,62 @@ async fn close(mut conn: Arc<Conn>) {
     }
 }
 
-async fn next_head(
+/// What a connection waits on besides its socket while it waits for a head: the header
+/// read timer and shutdown. Each keeps the task's waker from its first poll; after that a
+/// wait only looks whether the timer fired or the watch changed, instead of polling them
+/// again, which would store the waker anew for every request.
+struct Waits<'a, F> {
+    timer: Pin<&'a mut tokio::time::Sleep>,
+    /// Whether `timer` holds the task's waker (polled since it was last set).
+    timer_polled: bool,
+    stop: Pin<&'a mut F>,
+    stop_polled: bool,
+}
+
+/// Why a wait for a head ended.
+enum Woke {
+    Readable,
+    Timer,
+    Stop,
+}
+
+impl<F: Future<Output = Result<(), watch::error::RecvError>>> Waits<'_, F> {
+    /// `Ready` when the timer fired or shutdown began (`shutdown` being the receiver
+    /// whose change `stop` waits for); `Pending` with the task's waker kept by both.
+    fn poll_fired(&mut self, cx: &mut Context<'_>, shutdown: &watch::Receiver<bool>) -> Poll<Woke> {
+        if !self.timer_polled {
+            if self.timer.as_mut().poll(cx).is_ready() {
+                return Poll::Ready(Woke::Timer);
+            }
+            self.timer_polled = true;
+        } else if self.timer.is_elapsed() {
+            return Poll::Ready(Woke::Timer);
+        }
+        if !self.stop_polled {
+            if self.stop.as_mut().poll(cx).is_ready() {
+                return Poll::Ready(Woke::Stop);
+            }
+            self.stop_polled = true;
+        } else if shutdown.has_changed().unwrap_or(true) {
+            return Poll::Ready(Woke::Stop);
+        }
+        Poll::Pending
+    }
+
+    /// Sets the timer to `at`; it takes the task's waker at the next wait.
+    fn set_timer(&mut self, at: tokio::time::Instant) {
+        self.timer.as_mut().reset(at);
+        self.timer_polled = false;
+    }
+}
+
+async fn next_head<F: Future<Output = Result<(), watch::error::RecvError>>>(
     conn: &Conn,
     limits: ConnLimits,
     scratch: &mut Vec<Indices>,
     first: bool,
-    timer: &mut Pin<&mut tokio::time::Sleep>,
-    stop: &mut Pin<&mut impl Future<Output = Result<(), watch::error::RecvError>>>,
+    waits: &mut Waits<'_, F>,
+    shutdown: &watch::Receiver<bool>,
 ) -> Next {
     // When this wait for a head times out.
     let mut due = None;
@@ -971,29 +1022,30 @@ async fn next_head(
             // for an earlier wait, it fires early and is moved then (below): a busy
             // connection re-registers it in the timer wheel about once per timeout, not
             // once per request.
-            if timer.deadline() > at {
-                timer.as_mut().reset(at);
+            if waits.timer.deadline() > at {
+                waits.set_timer(at);
             }
         }
-        tokio::select! {
-            biased;
-            ready = conn.io.readable() => {
-                if ready.is_err() {
-                    return Next::Close;
-                }
-            }
-            _ = timer.as_mut() => {
+        let woke = std::future::poll_fn(|cx| match conn.io.poll_read_ready(cx) {
+            Poll::Ready(Ok(())) => Poll::Ready(Woke::Readable),
+            Poll::Ready(Err(_)) => Poll::Ready(Woke::Stop),
+            Poll::Pending => waits.poll_fired(cx, shutdown),
+        })
+        .await;
+        match woke {
+            Woke::Readable => {}
+            Woke::Timer => {
                 if let Some(at) = due
                     && tokio::time::Instant::now() < at
                 {
-                    timer.as_mut().reset(at);
+                    waits.set_timer(at);
                     continue;
                 }
                 tracing::debug!("header read timeout");
                 return Next::Close;
             }
             // Done once: the connection closes and it is not polled again.
-            _ = stop.as_mut() => return Next::Close,
+            Woke::Stop => return Next::Close,
         }
     }
 }
