@@ -1092,23 +1092,35 @@ mod tests {
         );
     }
 
+    /// The forwarding both tests below use: instance `10.1.2.3:8080`, caller `127.0.0.1`,
+    /// asked for `api.example`, request id `id-1`.
+    struct SampleForwarding([HeaderValue; 4]);
+
+    impl SampleForwarding {
+        fn new() -> Self {
+            SampleForwarding(
+                ["10.1.2.3:8080", "127.0.0.1", "api.example", "id-1"].map(HeaderValue::from_static),
+            )
+        }
+
+        fn forwarding(&self) -> Forwarding<'_> {
+            let [host, peer_ip, asked, id] = &self.0;
+            Forwarding {
+                host: Some(host),
+                peer_ip,
+                forwarded_host: Some(asked),
+                request_id: id,
+            }
+        }
+    }
+
     #[tokio::test]
     async fn forwarding_headers_take_the_place_of_the_requests_own() {
         let (authority, seen, _) =
             upstream(vec!["HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n"; 3]).await;
         let pool = pool();
-        let (host, peer_ip, asked, id) = (
-            HeaderValue::from_static("10.1.2.3:8080"),
-            HeaderValue::from_static("127.0.0.1"),
-            HeaderValue::from_static("api.example"),
-            HeaderValue::from_static("id-1"),
-        );
-        let forwarding = Forwarding {
-            host: Some(&host),
-            peer_ip: &peer_ip,
-            forwarded_host: Some(&asked),
-            request_id: &id,
-        };
+        let sample = SampleForwarding::new();
+        let forwarding = sample.forwarding();
         // A caller's own forwarding headers: its X-Forwarded-For list (the first of two)
         // grows; the others are replaced. Names match whatever their case on the wire.
         let mut spoofed = request(Method::GET, crate::proxy::empty());
@@ -1161,18 +1173,8 @@ mod tests {
 
     #[test]
     fn forwarding_headers_in_a_map_for_hypers_client() {
-        let (host, peer_ip, asked, id) = (
-            HeaderValue::from_static("10.1.2.3:8080"),
-            HeaderValue::from_static("127.0.0.1"),
-            HeaderValue::from_static("api.example"),
-            HeaderValue::from_static("id-1"),
-        );
-        let forwarding = Forwarding {
-            host: Some(&host),
-            peer_ip: &peer_ip,
-            forwarded_host: Some(&asked),
-            request_id: &id,
-        };
+        let sample = SampleForwarding::new();
+        let forwarding = sample.forwarding();
         let mut headers = HeaderMap::new();
         for (name, value) in [
             ("host", "api.example"),
