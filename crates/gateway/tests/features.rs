@@ -652,11 +652,18 @@ async fn counting_upstream(close_after_answer: bool) -> (u16, Arc<AtomicUsize>, 
                         .await;
                     drop(stream);
                 } else {
-                    let service = hyper::service::service_fn(|_request| async {
-                        Ok::<_, Infallible>(hyper::Response::new(http_body_util::Full::new(
-                            bytes::Bytes::from_static(b"ok"),
-                        )))
-                    });
+                    // The body is read to its end before the answer: hyper closes a
+                    // connection whose request body was left unread when it answered, and
+                    // the gateway may send a body after its head.
+                    let service = hyper::service::service_fn(
+                        |request: hyper::Request<hyper::body::Incoming>| async {
+                            use http_body_util::BodyExt;
+                            let _ = request.into_body().collect().await;
+                            Ok::<_, Infallible>(hyper::Response::new(http_body_util::Full::new(
+                                bytes::Bytes::from_static(b"ok"),
+                            )))
+                        },
+                    );
                     let _ = hyper::server::conn::http1::Builder::new()
                         .serve_connection(TokioIo::new(stream), service)
                         .await;
@@ -670,10 +677,16 @@ async fn counting_upstream(close_after_answer: bool) -> (u16, Arc<AtomicUsize>, 
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn upstream_connections_are_reused_and_closed_ones_replaced() {
-    let s = setup(routes(vec![
-        RouteConfig::new("/keep/*", "keep"),
-        RouteConfig::new("/close/*", "close"),
-    ]))
+    // One worker: idle connections are pooled per worker, and the client may open a second
+    // connection to the gateway (it returns its first one to its pool in the background),
+    // which another worker could accept.
+    let s = setup(GatewayConfig {
+        workers: trellis_gateway::Workers::Threads(1),
+        ..routes(vec![
+            RouteConfig::new("/keep/*", "keep"),
+            RouteConfig::new("/close/*", "close"),
+        ])
+    })
     .await;
     let (keep, keep_accepted, _) = counting_upstream(false).await;
     let (close, close_accepted, close_closed) = counting_upstream(true).await;
