@@ -85,6 +85,7 @@
 
 mod config;
 mod cors;
+mod deadline;
 mod h1;
 mod metrics;
 mod pool;

@@ -833,7 +833,7 @@ where
             // Origin-form request line; the pool writes the forwarding headers.
             upstream_parts.uri = Uri::from(path_and_query.clone());
             let request = Request::from_parts(upstream_parts, attempt_body);
-            tokio::time::timeout(
+            crate::deadline::timeout(
                 timeout,
                 state
                     .pool
@@ -846,7 +846,7 @@ where
             })
         } else {
             forwarding.insert_into(&mut upstream_parts.headers);
-            tokio::time::timeout(
+            crate::deadline::timeout(
                 timeout,
                 client.request(Request::from_parts(upstream_parts, attempt_body)),
             )
@@ -1071,9 +1071,8 @@ fn pick(state: &State, route: &Route, headers: &HeaderMap) -> Option<Picked<Upst
     route.balancer.pick(&context)
 }
 
-/// Trace headers the client sent; the client span's own replace them upstream (a
-/// malformed `b3` must not travel beside a fresh `traceparent`).
-/// Trace context headers (W3C and B3), replaced by the client span's.
+/// Trace context headers (W3C and B3) the client sent; the client span's own replace them
+/// upstream (a malformed `b3` must not travel beside a fresh `traceparent`).
 static TRACE_HEADERS: [HeaderName; 9] = [
     HeaderName::from_static("traceparent"),
     HeaderName::from_static("tracestate"),

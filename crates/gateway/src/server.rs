@@ -170,11 +170,14 @@ impl ApiGateway {
                         .name(format!("trellis-gateway-{slot}"))
                         .spawn(move || {
                             crate::pool::set_worker_slot(slot);
+                            crate::deadline::keep_timers();
                             if let (Some(runtime), Some(listener)) =
                                 (&worker.runtime, worker.listener.take())
                             {
                                 runtime.block_on(accept_loop(listener, state, stopped, finished));
                             }
+                            // Before the runtime they belong to.
+                            crate::deadline::drop_timers();
                         })
                         .map_err(|source| GatewayError::Worker { source })?;
                     done.push(finished_rx);
