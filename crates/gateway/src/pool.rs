@@ -398,6 +398,10 @@ pub(crate) struct Forwarding<'a> {
     pub(crate) forwarded_host: Option<&'a HeaderValue>,
     /// `X-Request-Id`.
     pub(crate) request_id: &'a HeaderValue,
+    /// The client span's trace context, as header lines ([`trellis_tracing::HeadLines`]):
+    /// written as they are by [`Pool::send`] (empty when not tracing; hyper's client gets
+    /// the span's headers in the request's map instead).
+    pub(crate) trace: &'a [u8],
 }
 
 impl Forwarding<'_> {
@@ -466,6 +470,7 @@ impl Forwarding<'_> {
             REQUEST_ID.as_str().as_bytes(),
             &[self.request_id.as_bytes()],
         );
+        out.extend_from_slice(self.trace);
     }
 }
 
@@ -1110,6 +1115,7 @@ mod tests {
                 peer_ip,
                 forwarded_host: Some(asked),
                 request_id: id,
+                trace: b"traceparent: 00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-00\r\n",
             }
         }
     }
@@ -1152,7 +1158,8 @@ mod tests {
         }
         let seen = seen.lock().unwrap();
         let tail = "x-forwarded-proto: http\r\nx-forwarded-host: api.example\r\n\
-                    x-request-id: id-1\r\n\r\n";
+                    x-request-id: id-1\r\n\
+                    traceparent: 00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-00\r\n\r\n";
         assert_eq!(
             seen[0],
             format!(
@@ -1192,6 +1199,10 @@ mod tests {
         assert_eq!(all("x-forwarded-proto"), ["http"]);
         assert_eq!(all("x-forwarded-host"), ["api.example"]);
         assert_eq!(all("x-request-id"), ["id-1"]);
+        assert!(
+            !headers.contains_key("traceparent"),
+            "the span writes its own"
+        );
     }
 
     #[tokio::test]

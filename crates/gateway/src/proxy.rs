@@ -745,6 +745,7 @@ where
                 peer_ip: &peer.ip,
                 forwarded_host: host.as_ref(),
                 request_id,
+                trace: &[],
             }
             .insert_into(&mut headers);
             headers
@@ -780,7 +781,9 @@ where
             (None, None) => empty(),
         };
         // The client span of this attempt: child of the server span, its context (not
-        // the caller's) is what the instance receives.
+        // the caller's) is what the instance receives. The pool writes it into the head
+        // as lines; hyper's client gets it in the map.
+        let mut trace_lines = Vec::new();
         let client_span = match (&state.tracer, span) {
             (Some(tracer), Some(server)) => {
                 server.set_upstream(picked.endpoint().shared_id());
@@ -799,22 +802,23 @@ where
                 } else {
                     String::new()
                 };
+                let tags = |tags: &mut Vec<KeyValue>| {
+                    tags.push(KeyValue::new("trellis.service", route.service_tag.clone()));
+                    tags.push(KeyValue::new(
+                        "trellis.upstream.instance",
+                        picked.endpoint().shared_id().clone(),
+                    ));
+                    tags.push(KeyValue::new("trellis.attempt", i64::from(attempt)));
+                };
                 // For an unsampled request: no OpenTelemetry span or context, only ids.
-                let client = tracer.http_client_span_child_of_with_tags(
-                    server,
-                    &upstream_parts.method,
-                    &url,
-                    &mut upstream_parts.headers,
-                    |tags| {
-                        tags.push(KeyValue::new("trellis.service", route.service_tag.clone()));
-                        tags.push(KeyValue::new(
-                            "trellis.upstream.instance",
-                            picked.endpoint().shared_id().clone(),
-                        ));
-                        tags.push(KeyValue::new("trellis.attempt", i64::from(attempt)));
-                    },
-                );
-                Some(client)
+                let method = &upstream_parts.method;
+                Some(if use_pool {
+                    let lines = &mut trellis_tracing::HeadLines(&mut trace_lines);
+                    tracer.http_client_span_child_of_with_tags(server, method, &url, lines, tags)
+                } else {
+                    let headers = &mut upstream_parts.headers;
+                    tracer.http_client_span_child_of_with_tags(server, method, &url, headers, tags)
+                })
             }
             _ => None,
         };
@@ -828,6 +832,7 @@ where
             peer_ip: &peer.ip,
             forwarded_host: host.as_ref(),
             request_id,
+            trace: &trace_lines,
         };
         let sent = if use_pool {
             // Origin-form request line; the pool writes the forwarding headers.

@@ -20,14 +20,21 @@ use trellis_tracing::{DistributedTracer, SpanView, TraceBuffer, TraceView};
 const TRACE: &str = "4bf92f3577b34da6a3ce929d0e0e4736";
 const PARENT: &str = "00f067aa0ba902b7";
 
-/// An upstream that answers with the headers it received.
+/// An upstream that answers with the headers it received, a repeated name's values joined
+/// with ", " (so that a trace header sent twice shows).
 async fn echo() -> u16 {
     let app = axum::Router::new().fallback(any(|request: Request| async move {
-        let headers: HashMap<String, String> = request
-            .headers()
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.to_str().unwrap_or("").to_owned()))
-            .collect();
+        let mut headers: HashMap<String, String> = HashMap::new();
+        for (name, value) in request.headers() {
+            let value = value.to_str().unwrap_or("");
+            headers
+                .entry(name.to_string())
+                .and_modify(|all| {
+                    all.push_str(", ");
+                    all.push_str(value);
+                })
+                .or_insert_with(|| value.to_owned());
+        }
         Json(json!({ "headers": headers }))
     }));
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();

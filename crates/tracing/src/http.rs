@@ -12,6 +12,7 @@ use http::{HeaderMap, Method};
 use opentelemetry::trace::SpanKind;
 use opentelemetry::{Context, KeyValue, Value};
 
+use crate::propagation::TraceHeaders;
 use crate::tracer::{DistributedTracer, Span};
 
 /// A server span for one incoming request (kind `server`), parented by the trace context
@@ -82,7 +83,7 @@ impl DistributedTracer {
         &self,
         method: &Method,
         url: &str,
-        headers: &mut HeaderMap,
+        headers: &mut (impl TraceHeaders + ?Sized),
     ) -> HttpClientSpan {
         self.http_client_span_with_parent(&Context::current(), method, url, headers)
     }
@@ -93,7 +94,7 @@ impl DistributedTracer {
         parent: &Context,
         method: &Method,
         url: &str,
-        headers: &mut HeaderMap,
+        headers: &mut (impl TraceHeaders + ?Sized),
     ) -> HttpClientSpan {
         if !self.is_enabled() {
             return HttpClientSpan {
@@ -111,7 +112,7 @@ impl DistributedTracer {
         parent: &Span,
         method: &Method,
         url: &str,
-        headers: &mut HeaderMap,
+        headers: &mut (impl TraceHeaders + ?Sized),
     ) -> HttpClientSpan {
         self.http_client_span_child_of_with_tags(parent, method, url, headers, |_| {})
     }
@@ -124,7 +125,7 @@ impl DistributedTracer {
         parent: &Span,
         method: &Method,
         url: &str,
-        headers: &mut HeaderMap,
+        headers: &mut (impl TraceHeaders + ?Sized),
         tags: impl FnOnce(&mut Vec<KeyValue>),
     ) -> HttpClientSpan {
         if !self.is_enabled() {
@@ -141,7 +142,7 @@ impl DistributedTracer {
         start: crate::SpanStart<'_>,
         method: &Method,
         url: &str,
-        headers: &mut HeaderMap,
+        headers: &mut (impl TraceHeaders + ?Sized),
         tags: impl FnOnce(&mut Vec<KeyValue>),
     ) -> HttpClientSpan {
         let span = start.kind(SpanKind::Client).start_with_tags(|all| {
@@ -151,8 +152,10 @@ impl DistributedTracer {
         });
         if self.is_sdk_only() {
             use opentelemetry::propagation::TextMapPropagator as _;
-            self.propagator()
-                .inject_context(span.context(), &mut crate::HeaderInjector(headers));
+            self.propagator().inject_context(
+                span.context(),
+                &mut crate::propagation::SinkInjector(headers),
+            );
         } else {
             span.with_parts(|sc, cx| self.propagator().inject_span_headers(sc, cx, headers));
         }

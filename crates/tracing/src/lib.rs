@@ -106,8 +106,8 @@ pub use export::ExportStats;
 pub use http::{HttpClientSpan, HttpServerSpan, TagText};
 pub use install::{TracingGuard, install, set_global};
 pub use propagation::{
-    HeaderExtractor, HeaderInjector, Propagator, extract, extract_from_map, inject,
-    inject_into_map, is_trace_header,
+    HeadLines, HeaderExtractor, HeaderInjector, Propagator, TraceHeaders, extract,
+    extract_from_map, inject, inject_into_map, is_trace_header,
 };
 pub use store::{StoreTraceLayer, StoreTraceService};
 pub use tracer::{DistributedTracer, Span, SpanStart, TracerBuilder};

@@ -48,7 +48,17 @@ const B3_TRACE_ID_NAME: HeaderName = HeaderName::from_static(B3_TRACE_ID);
 const B3_SPAN_ID_NAME: HeaderName = HeaderName::from_static(B3_SPAN_ID);
 const B3_SAMPLED_NAME: HeaderName = HeaderName::from_static(B3_SAMPLED);
 
-const HEX: &[u8; 16] = b"0123456789abcdef";
+/// Each byte's two lower-case hex digits.
+static HEX_PAIRS: [[u8; 2]; 256] = {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let mut pairs = [[0u8; 2]; 256];
+    let mut i = 0;
+    while i < 256 {
+        pairs[i] = [HEX[i >> 4], HEX[i & 0x0f]];
+        i += 1;
+    }
+    pairs
+};
 
 /// Marks a context whose trace came in over B3 (no valid `traceparent`): unsampled spans of
 /// that trace write B3 back; other unsampled spans write W3C only.
@@ -57,15 +67,19 @@ struct CameOverB3;
 
 /// Writes `bytes` as lower-case hex into `out` (twice as long).
 fn hex_into(bytes: &[u8], out: &mut [u8]) {
-    for (i, b) in bytes.iter().enumerate() {
-        out[2 * i] = HEX[usize::from(b >> 4)];
-        out[2 * i + 1] = HEX[usize::from(b & 0x0f)];
+    for (pair, &b) in out.chunks_exact_mut(2).zip(bytes) {
+        pair.copy_from_slice(&HEX_PAIRS[usize::from(b)]);
     }
 }
 
-/// A header value from ASCII hex built here (always valid).
-fn value_of(bytes: &[u8]) -> Option<HeaderValue> {
-    HeaderValue::from_bytes(bytes).ok()
+/// Whether `bytes` may stand as a header field value (what `HeaderValue::from_bytes`
+/// accepts: visible ASCII, blanks and obs-text). No early exit: the loop vectorizes.
+fn is_field_value(bytes: &[u8]) -> bool {
+    let mut bad = 0u8;
+    for &b in bytes {
+        bad |= u8::from((b < b' ') & (b != b'\t')) | u8::from(b == 0x7f);
+    }
+    bad == 0
 }
 
 /// The composite propagator: W3C trace context and baggage, and B3.
@@ -140,11 +154,11 @@ impl Propagator {
     /// `tracestate` is left out and an unsampled span writes B3 only when its trace came in
     /// over B3: W3C alone carries the "not sampled" decision, and a B3 peer upstream gets
     /// B3 back.
-    pub(crate) fn inject_span_headers(
+    pub(crate) fn inject_span_headers<H: TraceHeaders + ?Sized>(
         &self,
         sc: &SpanContext,
         cx: &Context,
-        headers: &mut HeaderMap,
+        headers: &mut H,
     ) {
         if sc.is_valid() {
             let trace = sc.trace_id().to_bytes();
@@ -159,15 +173,11 @@ impl Propagator {
             if sampled {
                 tp[54] = b'1';
             }
-            if let Some(value) = value_of(&tp) {
-                headers.insert(TRACEPARENT_NAME, value);
+            headers.set(&TRACEPARENT_NAME, &tp);
+            if *sc.trace_state() != TraceState::NONE {
+                headers.set(&TRACESTATE_NAME, sc.trace_state().header().as_bytes());
             }
-            if *sc.trace_state() != TraceState::NONE
-                && let Ok(state) = HeaderValue::from_str(&sc.trace_state().header())
-            {
-                headers.insert(TRACESTATE_NAME, state);
-            }
-            let flag = HeaderValue::from_static(if sampled { "1" } else { "0" });
+            let flag: &[u8] = if sampled { b"1" } else { b"0" };
             let b3 = if sampled || cx.get::<CameOverB3>().is_some() {
                 self.b3
             } else {
@@ -183,26 +193,21 @@ impl Propagator {
                     if sampled {
                         b3[50] = b'1';
                     }
-                    if let Some(value) = value_of(&b3) {
-                        headers.insert(B3_SINGLE_NAME, value);
-                    }
+                    headers.set(&B3_SINGLE_NAME, &b3);
                 }
                 B3Encoding::Multi => {
                     let mut t = [0u8; 32];
                     hex_into(&trace, &mut t);
                     let mut s = [0u8; 16];
                     hex_into(&span, &mut s);
-                    if let (Some(t), Some(s)) = (value_of(&t), value_of(&s)) {
-                        headers.insert(B3_TRACE_ID_NAME, t);
-                        headers.insert(B3_SPAN_ID_NAME, s);
-                        headers.insert(B3_SAMPLED_NAME, flag);
-                    }
+                    headers.set(&B3_TRACE_ID_NAME, &t);
+                    headers.set(&B3_SPAN_ID_NAME, &s);
+                    headers.set(&B3_SAMPLED_NAME, flag);
                 }
             }
         }
         if !cx.baggage().is_empty() {
-            self.baggage
-                .inject_context(cx, &mut HeaderInjector(headers));
+            self.baggage.inject_context(cx, &mut SinkInjector(headers));
         }
     }
 
@@ -422,6 +427,66 @@ impl Injector for HeaderInjector<'_> {
     }
 }
 
+/// Where a span's trace context headers are written: a [`HeaderMap`], or the head of an
+/// HTTP/1.1 request being encoded ([`HeadLines`]).
+pub trait TraceHeaders {
+    /// Makes room for `additional` more headers.
+    fn reserve(&mut self, additional: usize);
+
+    /// Sets header `name` to `value`, replacing the map's earlier ones of that name. A
+    /// value that is not a valid field value (control characters) is skipped.
+    fn set(&mut self, name: &HeaderName, value: &[u8]);
+}
+
+impl TraceHeaders for HeaderMap {
+    fn reserve(&mut self, additional: usize) {
+        HeaderMap::reserve(self, additional);
+    }
+
+    fn set(&mut self, name: &HeaderName, value: &[u8]) {
+        if let Ok(value) = HeaderValue::from_bytes(value) {
+            self.insert(name.clone(), value);
+        }
+    }
+}
+
+/// Header lines (`name: value\r\n`) appended to an HTTP/1.1 head being written, instead
+/// of values allocated and hashed into a request's map (a proxy writing its own heads).
+///
+/// Lines are only appended: the request's own trace headers are the caller's to leave
+/// out ([`HttpServerSpan::carried_context`](crate::HttpServerSpan::carried_context) says
+/// whether there are any).
+#[derive(Debug)]
+pub struct HeadLines<'a>(pub &'a mut Vec<u8>);
+
+impl TraceHeaders for HeadLines<'_> {
+    fn reserve(&mut self, additional: usize) {
+        // traceparent's line is 68 bytes, the others shorter.
+        self.0.reserve(additional * 72);
+    }
+
+    fn set(&mut self, name: &HeaderName, value: &[u8]) {
+        if !is_field_value(value) {
+            return;
+        }
+        self.0.extend_from_slice(name.as_str().as_bytes());
+        self.0.extend_from_slice(b": ");
+        self.0.extend_from_slice(value);
+        self.0.extend_from_slice(b"\r\n");
+    }
+}
+
+/// OpenTelemetry's [`Injector`] over any [`TraceHeaders`] (baggage, SDK propagators).
+pub(crate) struct SinkInjector<'a, H: ?Sized>(pub(crate) &'a mut H);
+
+impl<H: TraceHeaders + ?Sized> Injector for SinkInjector<'_, H> {
+    fn set(&mut self, key: &str, value: String) {
+        if let Ok(name) = HeaderName::from_bytes(key.as_bytes()) {
+            self.0.set(&name, value.as_bytes());
+        }
+    }
+}
+
 struct MapCarrier<'a>(&'a BTreeMap<String, String>);
 
 impl Extractor for MapCarrier<'_> {
@@ -456,6 +521,34 @@ mod tests {
 
     const TRACE: &str = "4bf92f3577b34da6a3ce929d0e0e4736";
     const SPAN: &str = "00f067aa0ba902b7";
+
+    #[test]
+    fn hex_and_field_value_checks_agree_with_the_standard_ones() {
+        let all: Vec<u8> = (0..=255).collect();
+        let mut hex = vec![0u8; 512];
+        hex_into(&all, &mut hex);
+        let expected: String = all.iter().map(|b| format!("{b:02x}")).collect();
+        assert_eq!(String::from_utf8_lossy(&hex), expected);
+        for b in 0..=255u8 {
+            let value = [b'a', b, b'z'];
+            assert_eq!(
+                is_field_value(&value),
+                HeaderValue::from_bytes(&value).is_ok(),
+                "byte {b:#04x}"
+            );
+        }
+    }
+
+    #[test]
+    fn head_lines_skip_values_that_are_not_field_values() {
+        let mut out = Vec::new();
+        let mut lines = HeadLines(&mut out);
+        lines.set(&TRACESTATE_NAME, b"a=1\r\nx-injected: 1");
+        lines.set(&TRACESTATE_NAME, b"a=\x7f");
+        assert!(out.is_empty(), "{}", String::from_utf8_lossy(&out));
+        HeadLines(&mut out).set(&TRACESTATE_NAME, b"a=1,\tb=2");
+        assert_eq!(out, b"tracestate: a=1,\tb=2\r\n");
+    }
 
     #[test]
     fn trace_headers_are_told_from_others_by_name() {

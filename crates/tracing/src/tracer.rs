@@ -1030,6 +1030,21 @@ mod tests {
                     propagator.inject_span_headers(&sc, &cx, &mut fast);
                     let expected = if sampled { &generic } else { &without_b3 };
                     assert_eq!(&fast, expected, "{b3:?} sampled={sampled} state={state:?}");
+                    // Written as head lines: the same headers, in the same order.
+                    let mut lines = Vec::new();
+                    propagator.inject_span_headers(&sc, &cx, &mut crate::HeadLines(&mut lines));
+                    let mut from_map = Vec::new();
+                    for (name, value) in &fast {
+                        from_map.extend_from_slice(name.as_str().as_bytes());
+                        from_map.extend_from_slice(b": ");
+                        from_map.extend_from_slice(value.as_bytes());
+                        from_map.extend_from_slice(b"\r\n");
+                    }
+                    assert_eq!(
+                        String::from_utf8_lossy(&lines),
+                        String::from_utf8_lossy(&from_map),
+                        "{b3:?} sampled={sampled} state={state:?}"
+                    );
                 }
                 // A trace that came in over B3 gets B3 back, sampled or not.
                 let mut incoming = http::HeaderMap::new();
