@@ -433,8 +433,9 @@ pub trait TraceHeaders {
     /// Makes room for `additional` more headers.
     fn reserve(&mut self, additional: usize);
 
-    /// Sets header `name` to `value`, replacing the map's earlier ones of that name. A
-    /// value that is not a valid field value (control characters) is skipped.
+    /// Sets header `name` to `value`: a map replaces its earlier values of that name, head
+    /// lines append one. A value that is not a valid field value (control characters) is
+    /// skipped.
     fn set(&mut self, name: &HeaderName, value: &[u8]);
 }
 
