@@ -51,6 +51,7 @@ struct Lease {
 
 impl Lease {
     fn new(deadline: Instant) -> Lease {
+        // `None`: this thread keeps no timers; `Some(None)`: it has none idle.
         let taken = KEPT
             .try_with(|kept| {
                 kept.try_borrow_mut()
@@ -59,22 +60,17 @@ impl Lease {
             })
             .ok()
             .flatten();
-        match taken {
-            Some(Some(mut sleep)) => {
+        let keep = taken.is_some();
+        let sleep = match taken.flatten() {
+            Some(mut sleep) => {
                 sleep.as_mut().reset(deadline);
-                Lease {
-                    sleep: Some(sleep),
-                    keep: true,
-                }
+                sleep
             }
-            Some(None) => Lease {
-                sleep: Some(Box::pin(tokio::time::sleep_until(deadline))),
-                keep: true,
-            },
-            None => Lease {
-                sleep: Some(Box::pin(tokio::time::sleep_until(deadline))),
-                keep: false,
-            },
+            None => Box::pin(tokio::time::sleep_until(deadline)),
+        };
+        Lease {
+            sleep: Some(sleep),
+            keep,
         }
     }
 }
