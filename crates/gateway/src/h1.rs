@@ -41,6 +41,11 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::sync::watch;
 
+use trellis_resilience::http::{
+    RATELIMIT_LIMIT, RATELIMIT_REMAINING, RATELIMIT_RESET, insert_rate_limit_headers,
+};
+use trellis_resilience::ratelimit::RateLimitInfo;
+
 use crate::pool::RawHeaders;
 use crate::proxy::{Body, REQUEST_ID};
 
@@ -140,6 +145,9 @@ pub(crate) struct Reply {
     pub(crate) raw: Option<RawHeaders>,
     /// `X-Request-Id`, in place of any in the map or in `raw`.
     pub(crate) request_id: Option<HeaderValue>,
+    /// The `RateLimit-*` triple of a rate-limited route, in place of any of those names
+    /// in the map or in `raw` (three numbers written as text: no map, no allocation).
+    pub(crate) rate_limit: Option<RateLimitInfo>,
 }
 
 impl Reply {
@@ -149,6 +157,9 @@ impl Reply {
         let (mut parts, body) = self.response.into_parts();
         if let Some(id) = self.request_id {
             parts.headers.insert(REQUEST_ID, id);
+        }
+        if let Some(info) = &self.rate_limit {
+            insert_rate_limit_headers(&mut parts.headers, info);
         }
         crate::pool::materialize(&mut parts.headers, self.raw);
         Response::from_parts(parts, body)
@@ -161,8 +172,17 @@ impl From<Response<Body>> for Reply {
             response,
             raw: None,
             request_id: None,
+            rate_limit: None,
         }
     }
+}
+
+/// Whether `name` (any case) is one of the `RateLimit-*` triple [`Reply::rate_limit`]
+/// writes.
+fn is_rate_limit_name(name: &[u8]) -> bool {
+    [RATELIMIT_LIMIT, RATELIMIT_REMAINING, RATELIMIT_RESET]
+        .iter()
+        .any(|own| own.as_str().as_bytes().eq_ignore_ascii_case(name))
 }
 
 /// Whether `name` is a hop-by-hop header (RFC 9110 §7.6.1): it describes one connection
@@ -1063,6 +1083,7 @@ async fn write_response(
         response,
         raw,
         request_id,
+        rate_limit,
     } = reply;
     let (parts, mut body) = response.into_parts();
     let status = parts.status;
@@ -1088,7 +1109,9 @@ async fn write_response(
             continue;
         } else if *name == header::DATE {
             has_date = true;
-        } else if request_id.is_some() && *name == REQUEST_ID {
+        } else if (request_id.is_some() && *name == REQUEST_ID)
+            || (rate_limit.is_some() && is_rate_limit_name(name.as_str().as_bytes()))
+        {
             continue;
         }
         out.extend_from_slice(name.as_str().as_bytes());
@@ -1102,6 +1125,19 @@ async fn write_response(
         out.extend_from_slice(id.as_bytes());
         out.extend_from_slice(b"\r\n");
     }
+    if let Some(info) = &rate_limit {
+        let mut digits = [0u8; 20];
+        for (name, n) in [
+            (RATELIMIT_LIMIT, u64::from(info.limit)),
+            (RATELIMIT_REMAINING, u64::from(info.remaining)),
+            (RATELIMIT_RESET, info.reset_secs()),
+        ] {
+            out.extend_from_slice(name.as_str().as_bytes());
+            out.extend_from_slice(b": ");
+            out.extend_from_slice(itoa(n, &mut digits));
+            out.extend_from_slice(b"\r\n");
+        }
+    }
     // An upstream's headers as received, after those of the map (which win).
     if let Some(raw) = &raw {
         for (name, value) in raw.iter() {
@@ -1111,6 +1147,7 @@ async fn write_response(
                 .any(|own| own.as_str().as_bytes().eq_ignore_ascii_case(name))
                 || (request_id.is_some()
                     && name.eq_ignore_ascii_case(REQUEST_ID.as_str().as_bytes()))
+                || (rate_limit.is_some() && is_rate_limit_name(name))
             {
                 continue;
             }

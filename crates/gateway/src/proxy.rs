@@ -20,10 +20,8 @@ use trellis_auth::{AuthError, JwtVerifier};
 use trellis_registry::{InstanceStatus, ServiceRegistry};
 use trellis_resilience::balance::{Endpoint, Outcome, PickContext, Picked};
 use trellis_resilience::breaker::BreakerOpen;
-use trellis_resilience::http::{
-    insert_rate_limit_headers, is_idempotent, outcome_of, rate_limited_headers,
-};
-use trellis_resilience::ratelimit::RateLimited;
+use trellis_resilience::http::{is_idempotent, outcome_of, rate_limited_headers};
+use trellis_resilience::ratelimit::{RateLimitInfo, RateLimited};
 use trellis_resilience::retry::{Backoff, RetryBudget};
 use trellis_tracing::opentelemetry::KeyValue;
 use trellis_tracing::{DistributedTracer, HttpServerSpan};
@@ -356,6 +354,7 @@ where
         tracer.http_server_span(request.method(), request.uri().path(), request.headers())
     });
     let mut matched = None;
+    let mut rate_limit = None;
     let forwarded = if info.ambiguous {
         // See `h1`: the request's body length is ambiguous; never forwarded.
         Err(Refusal::BadRequest(
@@ -373,6 +372,7 @@ where
                 hop_by_hop: info.hop_by_hop,
             },
             &mut matched,
+            &mut rate_limit,
         )
         .await
     };
@@ -413,6 +413,7 @@ where
         response,
         raw,
         request_id: Some(request_id),
+        rate_limit,
     }
 }
 
@@ -537,6 +538,7 @@ async fn forward<B>(
     request: Request<B>,
     incoming: Incoming<'_>,
     matched: &mut Option<Matched>,
+    rate_limit: &mut Option<RateLimitInfo>,
 ) -> Result<(Response<Body>, Option<RawHeaders>), Refusal>
 where
     B: hyper::body::Body<Data = Bytes> + Send + Sync + 'static,
@@ -956,9 +958,8 @@ where
         // (The pool's codec leaves them out of the answers it reads.)
         strip_hop_by_hop(&mut parts.headers);
     }
-    if let Some(info) = &rate_info {
-        insert_rate_limit_headers(&mut parts.headers, info);
-    }
+    // Its `RateLimit-*` headers are written with the answer (see `Reply`).
+    *rate_limit = rate_info;
     Ok((Response::from_parts(parts, body), raw))
 }
 

@@ -743,11 +743,19 @@ async fn upstream_connections_are_reused_and_closed_ones_replaced() {
 /// An HTTP/1.1 upstream answering every request on a kept-alive connection with the
 /// same head (names in their own case, repeated and hop-by-hop headers) and body "ok".
 async fn fixed_head_upstream() -> u16 {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    const ANSWER: &str = "HTTP/1.1 200 OK\r\nContent-Length: 2\r\nX-Mixed-Case: Value\r\n\
+    fixed_answer_upstream(
+        "HTTP/1.1 200 OK\r\nContent-Length: 2\r\nX-Mixed-Case: Value\r\n\
         X-Request-Id: upstream-id\r\nDate: Thu, 01 Jan 2026 00:00:00 GMT\r\n\
         Set-Cookie: a=1\r\nSet-Cookie: b=2\r\nConnection: keep-alive, X-Hop\r\n\
-        X-Hop: secret\r\nKeep-Alive: timeout=5\r\n\r\nok";
+        X-Hop: secret\r\nKeep-Alive: timeout=5\r\n\r\nok",
+    )
+    .await
+}
+
+/// An HTTP/1.1 upstream answering every request on a kept-alive connection with
+/// `answer` (whose body must be "ok").
+async fn fixed_answer_upstream(answer: &'static str) -> u16 {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let port = listener.local_addr().unwrap().port();
     tokio::spawn(async move {
@@ -769,7 +777,7 @@ async fn fixed_head_upstream() -> u16 {
                     // Requests without bodies: one answer per head.
                     while let Some(end) = seen.windows(4).position(|w| w == b"\r\n\r\n") {
                         seen.drain(..end + 4);
-                        if stream.write_all(ANSWER.as_bytes()).await.is_err() {
+                        if stream.write_all(answer.as_bytes()).await.is_err() {
                             return;
                         }
                     }
@@ -778,6 +786,97 @@ async fn fixed_head_upstream() -> u16 {
         }
     });
     port
+}
+
+/// A rate-limited route's `RateLimit-*` headers are the gateway's, once each, in place of
+/// the upstream's own (sent in other cases): over HTTP/1.1 (the gateway's own writer, with
+/// the inline upstream pool and with hyper's client) and over HTTP/2 (hyper's writer).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rate_limit_headers_replace_the_upstreams() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let port = fixed_answer_upstream(
+        "HTTP/1.1 200 OK\r\nContent-Length: 2\r\nRateLimit-Limit: 7\r\n\
+        RATELIMIT-REMAINING: 99\r\nratelimit-reset: 1234\r\nX-Other: kept\r\n\r\nok",
+    )
+    .await;
+    for inline in [true, false] {
+        let mut config = routes(vec![RouteConfig::new("/rl/*", "rl")]);
+        config.rate_limiting = Some(trellis_gateway::RateLimitConfig {
+            enabled: true,
+            requests: 50,
+            window: Duration::from_secs(60).into(),
+        });
+        config.inline_upstream_connections = inline;
+        let s = setup(config).await;
+        s.registry
+            .register("rl", Instance::new("r1", "127.0.0.1", port))
+            .await
+            .unwrap();
+        let addr = s.base.trim_start_matches("http://").to_owned();
+        let mut stream = tokio::net::TcpStream::connect(&addr).await.unwrap();
+        for remaining in ["49", "48"] {
+            stream
+                .write_all(b"GET /rl/x HTTP/1.1\r\nhost: t\r\n\r\n")
+                .await
+                .unwrap();
+            let mut answer = Vec::new();
+            let mut buf = [0u8; 4096];
+            while !answer.ends_with(b"\r\n\r\nok") {
+                let n = tokio::time::timeout(Duration::from_secs(5), stream.read(&mut buf))
+                    .await
+                    .unwrap()
+                    .unwrap();
+                assert!(n > 0, "closed: {}", String::from_utf8_lossy(&answer));
+                answer.extend_from_slice(&buf[..n]);
+            }
+            let text = String::from_utf8(answer).unwrap();
+            let lines: Vec<String> = text.split("\r\n").map(str::to_ascii_lowercase).collect();
+            assert_eq!(lines[0], "http/1.1 200 ok", "{text}");
+            let values = |name: &str| -> Vec<String> {
+                let prefix = format!("{name}: ");
+                lines
+                    .iter()
+                    .filter_map(|l| l.strip_prefix(&prefix).map(str::to_owned))
+                    .collect()
+            };
+            assert_eq!(values("ratelimit-limit"), ["50"], "inline {inline}: {text}");
+            assert_eq!(
+                values("ratelimit-remaining"),
+                [remaining],
+                "inline {inline}: {text}"
+            );
+            // A 60 s window: the full quota is back within a minute.
+            let reset = values("ratelimit-reset");
+            assert_eq!(reset.len(), 1, "inline {inline}: {text}");
+            let reset: u64 = reset[0].parse().unwrap();
+            assert!((1..=60).contains(&reset), "inline {inline}: {text}");
+            assert_eq!(values("x-other"), ["kept"], "inline {inline}: {text}");
+        }
+
+        let io = hyper_util::rt::TokioIo::new(tokio::net::TcpStream::connect(&addr).await.unwrap());
+        let (mut sender, connection) =
+            hyper::client::conn::http2::handshake(hyper_util::rt::TokioExecutor::new(), io)
+                .await
+                .unwrap();
+        tokio::spawn(connection);
+        let request = hyper::Request::get(format!("{}/rl/y", s.base))
+            .body(http_body_util::Empty::<bytes::Bytes>::new())
+            .unwrap();
+        let response = sender.send_request(request).await.unwrap();
+        assert_eq!(response.status(), 200);
+        let h = response.headers();
+        let all = |name: &str| -> Vec<&str> {
+            h.get_all(name)
+                .iter()
+                .map(|v| v.to_str().unwrap())
+                .collect()
+        };
+        assert_eq!(all("ratelimit-limit"), ["50"], "inline {inline}");
+        assert_eq!(all("ratelimit-remaining"), ["47"], "inline {inline}");
+        assert_eq!(all("ratelimit-reset").len(), 1, "inline {inline}");
+        assert_eq!(all("x-other"), ["kept"], "inline {inline}");
+        s.gateway.shutdown().await;
+    }
 }
 
 /// An upstream's headers reach the client as they came — case, order and repeats kept,

@@ -185,7 +185,7 @@ fn ceil_secs(d: Duration) -> u64 {
 pub fn insert_rate_limit_headers(headers: &mut HeaderMap, info: &RateLimitInfo) {
     headers.insert(RATELIMIT_LIMIT, HeaderValue::from(info.limit));
     headers.insert(RATELIMIT_REMAINING, HeaderValue::from(info.remaining));
-    headers.insert(RATELIMIT_RESET, HeaderValue::from(ceil_secs(info.reset)));
+    headers.insert(RATELIMIT_RESET, HeaderValue::from(info.reset_secs()));
 }
 
 /// The headers of a 429 answer: `Retry-After` (seconds, at least 1), the `RateLimit-*`

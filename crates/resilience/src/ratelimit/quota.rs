@@ -127,6 +127,14 @@ pub struct RateLimitInfo {
     pub reset: Duration,
 }
 
+impl RateLimitInfo {
+    /// `RateLimit-Reset`: whole seconds until the full quota is back, rounded up (a
+    /// client is never told to come back too early).
+    pub fn reset_secs(&self) -> u64 {
+        self.reset.as_secs() + u64::from(self.reset.subsec_nanos() > 0)
+    }
+}
+
 /// The Generic Cell Rate Algorithm on explicit timestamps, for one key.
 ///
 /// State is one number per key, its *theoretical arrival time* (TAT). A request at `now`
