@@ -788,12 +788,42 @@ async fn fixed_answer_upstream(answer: &'static str) -> u16 {
     port
 }
 
+/// Writes `request` on `stream` and reads the answer, whose body is "ok", as text.
+async fn exchange_ok(stream: &mut tokio::net::TcpStream, request: &[u8]) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    stream.write_all(request).await.unwrap();
+    let mut answer = Vec::new();
+    let mut buf = [0u8; 4096];
+    while !answer.ends_with(b"\r\n\r\nok") {
+        let n = tokio::time::timeout(Duration::from_secs(5), stream.read(&mut buf))
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(n > 0, "closed: {}", String::from_utf8_lossy(&answer));
+        answer.extend_from_slice(&buf[..n]);
+    }
+    String::from_utf8(answer).unwrap()
+}
+
+/// A GET of `url` over HTTP/2 with prior knowledge (hyper serves such connections).
+async fn h2_get(addr: &str, url: &str) -> hyper::Response<hyper::body::Incoming> {
+    let io = hyper_util::rt::TokioIo::new(tokio::net::TcpStream::connect(addr).await.unwrap());
+    let (mut sender, connection) =
+        hyper::client::conn::http2::handshake(hyper_util::rt::TokioExecutor::new(), io)
+            .await
+            .unwrap();
+    tokio::spawn(connection);
+    let request = hyper::Request::get(url)
+        .body(http_body_util::Empty::<bytes::Bytes>::new())
+        .unwrap();
+    sender.send_request(request).await.unwrap()
+}
+
 /// A rate-limited route's `RateLimit-*` headers are the gateway's, once each, in place of
 /// the upstream's own (sent in other cases): over HTTP/1.1 (the gateway's own writer, with
 /// the inline upstream pool and with hyper's client) and over HTTP/2 (hyper's writer).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rate_limit_headers_replace_the_upstreams() {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let port = fixed_answer_upstream(
         "HTTP/1.1 200 OK\r\nContent-Length: 2\r\nRateLimit-Limit: 7\r\n\
         RATELIMIT-REMAINING: 99\r\nratelimit-reset: 1234\r\nX-Other: kept\r\n\r\nok",
@@ -816,21 +846,7 @@ async fn rate_limit_headers_replace_the_upstreams() {
         let addr = s.base.trim_start_matches("http://").to_owned();
         let mut stream = tokio::net::TcpStream::connect(&addr).await.unwrap();
         for remaining in ["49", "48"] {
-            stream
-                .write_all(b"GET /rl/x HTTP/1.1\r\nhost: t\r\n\r\n")
-                .await
-                .unwrap();
-            let mut answer = Vec::new();
-            let mut buf = [0u8; 4096];
-            while !answer.ends_with(b"\r\n\r\nok") {
-                let n = tokio::time::timeout(Duration::from_secs(5), stream.read(&mut buf))
-                    .await
-                    .unwrap()
-                    .unwrap();
-                assert!(n > 0, "closed: {}", String::from_utf8_lossy(&answer));
-                answer.extend_from_slice(&buf[..n]);
-            }
-            let text = String::from_utf8(answer).unwrap();
+            let text = exchange_ok(&mut stream, b"GET /rl/x HTTP/1.1\r\nhost: t\r\n\r\n").await;
             let lines: Vec<String> = text.split("\r\n").map(str::to_ascii_lowercase).collect();
             assert_eq!(lines[0], "http/1.1 200 ok", "{text}");
             let values = |name: &str| -> Vec<String> {
@@ -854,16 +870,7 @@ async fn rate_limit_headers_replace_the_upstreams() {
             assert_eq!(values("x-other"), ["kept"], "inline {inline}: {text}");
         }
 
-        let io = hyper_util::rt::TokioIo::new(tokio::net::TcpStream::connect(&addr).await.unwrap());
-        let (mut sender, connection) =
-            hyper::client::conn::http2::handshake(hyper_util::rt::TokioExecutor::new(), io)
-                .await
-                .unwrap();
-        tokio::spawn(connection);
-        let request = hyper::Request::get(format!("{}/rl/y", s.base))
-            .body(http_body_util::Empty::<bytes::Bytes>::new())
-            .unwrap();
-        let response = sender.send_request(request).await.unwrap();
+        let response = h2_get(&addr, &format!("{}/rl/y", s.base)).await;
         assert_eq!(response.status(), 200);
         let h = response.headers();
         let all = |name: &str| -> Vec<&str> {
@@ -886,7 +893,6 @@ async fn rate_limit_headers_replace_the_upstreams() {
 /// HTTP/2 (written by hyper) alike.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn upstream_headers_pass_through_as_received() {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let s = setup(routes(vec![RouteConfig::new("/raw/*", "raw")])).await;
     s.registry
         .register(
@@ -898,21 +904,11 @@ async fn upstream_headers_pass_through_as_received() {
     let addr = s.base.trim_start_matches("http://").to_owned();
     let mut stream = tokio::net::TcpStream::connect(&addr).await.unwrap();
     for _ in 0..2 {
-        stream
-            .write_all(b"GET /raw/x HTTP/1.1\r\nhost: t\r\nx-request-id: client-id\r\n\r\n")
-            .await
-            .unwrap();
-        let mut answer = Vec::new();
-        let mut buf = [0u8; 4096];
-        while !answer.ends_with(b"\r\n\r\nok") {
-            let n = tokio::time::timeout(Duration::from_secs(5), stream.read(&mut buf))
-                .await
-                .unwrap()
-                .unwrap();
-            assert!(n > 0, "closed: {}", String::from_utf8_lossy(&answer));
-            answer.extend_from_slice(&buf[..n]);
-        }
-        let text = String::from_utf8(answer).unwrap();
+        let text = exchange_ok(
+            &mut stream,
+            b"GET /raw/x HTTP/1.1\r\nhost: t\r\nx-request-id: client-id\r\n\r\n",
+        )
+        .await;
         let lines: Vec<&str> = text.split("\r\n").collect();
         assert_eq!(lines[0], "HTTP/1.1 200 OK", "{text}");
         let count = |prefix: &str| {
@@ -941,16 +937,7 @@ async fn upstream_headers_pass_through_as_received() {
     }
 
     // HTTP/2 with prior knowledge: hyper serves the connection and writes the map.
-    let io = hyper_util::rt::TokioIo::new(tokio::net::TcpStream::connect(&addr).await.unwrap());
-    let (mut sender, connection) =
-        hyper::client::conn::http2::handshake(hyper_util::rt::TokioExecutor::new(), io)
-            .await
-            .unwrap();
-    tokio::spawn(connection);
-    let request = hyper::Request::get(format!("{}/raw/y", s.base))
-        .body(http_body_util::Empty::<bytes::Bytes>::new())
-        .unwrap();
-    let response = sender.send_request(request).await.unwrap();
+    let response = h2_get(&addr, &format!("{}/raw/y", s.base)).await;
     assert_eq!(response.status(), 200);
     let h = response.headers();
     assert_eq!(h["x-mixed-case"], "Value");
