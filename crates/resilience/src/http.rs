@@ -18,7 +18,7 @@ use http_body_util::{BodyExt, Full, LengthLimitError, Limited};
 use crate::BoxError;
 use crate::balance::Outcome;
 use crate::breaker::Classify;
-use crate::ratelimit::{KeyExtractor, RateKey, RateLimitInfo, RateLimited};
+use crate::ratelimit::{KeyExtractor, RateKey, RateLimitInfo, RateLimited, ceil_secs};
 use crate::retry::{Decision, Policy, RetryableError};
 
 /// Marks a request retryable although its method is not idempotent (a POST with an
@@ -173,11 +173,6 @@ pub fn parse_retry_after(value: &HeaderValue, now: SystemTime) -> Option<Duratio
     }
     let date = httpdate::parse_http_date(text).ok()?;
     Some(date.duration_since(now).unwrap_or(Duration::ZERO))
-}
-
-/// Whole seconds, rounded up: headers never tell a client to come back too early.
-fn ceil_secs(d: Duration) -> u64 {
-    d.as_secs() + u64::from(d.subsec_nanos() > 0)
 }
 
 /// Sets `RateLimit-Limit`, `RateLimit-Remaining` and `RateLimit-Reset` (seconds, rounded

@@ -25,6 +25,7 @@ mod error;
 mod layer;
 mod limiter;
 mod quota;
+pub(crate) use quota::ceil_secs;
 
 pub use self::error::RateLimited;
 pub use self::layer::{

@@ -131,8 +131,13 @@ impl RateLimitInfo {
     /// `RateLimit-Reset`: whole seconds until the full quota is back, rounded up (a
     /// client is never told to come back too early).
     pub fn reset_secs(&self) -> u64 {
-        self.reset.as_secs() + u64::from(self.reset.subsec_nanos() > 0)
+        ceil_secs(self.reset)
     }
+}
+
+/// Whole seconds, rounded up: headers never tell a client to come back too early.
+pub(crate) fn ceil_secs(d: Duration) -> u64 {
+    d.as_secs() + u64::from(d.subsec_nanos() > 0)
 }
 
 /// The Generic Cell Rate Algorithm on explicit timestamps, for one key.
