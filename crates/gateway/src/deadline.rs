@@ -97,7 +97,7 @@ impl Drop for Lease {
 }
 
 pin_project_lite::pin_project! {
-    /// [`timeout`]'s future: a plain struct, as tokio's, so that the wrapped future is
+    /// [`timeout_from`]'s future: a plain struct, as tokio's, so that the wrapped future is
     /// not copied again into an `async fn`'s state.
     pub(crate) struct Timeout<F> {
         #[pin]
@@ -111,10 +111,18 @@ pin_project_lite::pin_project! {
 
 /// `future`'s output, or [`TimedOut`] when it takes longer than `duration` (counted from
 /// now, on tokio's clock).
+#[cfg(test)]
 pub(crate) fn timeout<F: Future>(duration: Duration, future: F) -> Timeout<F> {
+    timeout_from(Instant::now(), duration, future)
+}
+
+/// `future`'s output, or [`TimedOut`] when it is not done `duration` after `start` (an
+/// instant of tokio's clock the caller has read already: a clock read costs tens of
+/// nanoseconds in a virtual machine, and a request makes several).
+pub(crate) fn timeout_from<F: Future>(start: Instant, duration: Duration, future: F) -> Timeout<F> {
     Timeout {
         future,
-        deadline: Instant::now().checked_add(duration),
+        deadline: start.checked_add(duration),
         lease: None,
     }
 }

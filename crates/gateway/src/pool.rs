@@ -26,7 +26,7 @@ use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::{Context, Poll, ready};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
@@ -35,6 +35,7 @@ use http::{Method, Request, Response, StatusCode, Version};
 use http_body_util::BodyExt;
 use hyper::body::{Body as HttpBody, Frame, SizeHint};
 use tokio::net::TcpStream;
+use tokio::time::Instant;
 
 use crate::h1::{
     Decoded, Decoder, Framing, Indices, answer_length, header_indices, is_hop_by_hop_name,
@@ -238,12 +239,15 @@ impl Pool {
         lock(&self.slots[WORKER_SLOT.get() % self.slots.len()])
     }
 
-    /// A pooled connection to `authority` that is still open, if any.
-    fn checkout(&self, authority: &Authority) -> Option<Conn> {
+    /// A pooled connection to `authority` that is still open and, at `now`, has been idle
+    /// no longer than the idle timeout, if any.
+    fn checkout(&self, authority: &Authority, now: Instant) -> Option<Conn> {
         loop {
             let idle = self.slot().get_mut(authority.as_str())?.pop()?;
             let mut conn = idle.conn;
-            if idle.since.elapsed() > self.idle_timeout || !conn.is_idle_and_open() {
+            if now.saturating_duration_since(idle.since) > self.idle_timeout
+                || !conn.is_idle_and_open()
+            {
                 continue;
             }
             return Some(conn);
@@ -328,11 +332,15 @@ impl Pool {
     /// Sends `request` (origin-form URI; `Host` set, or given in `forwarding`) to
     /// `authority` on a pooled or new connection, driving the connection from the calling
     /// task. The answer's headers come beside it, as received (see [`RawHeaders`]).
+    /// `now`: when the caller started the request (a pooled connection idle for longer
+    /// than the idle timeout at that time is not used), read by the caller, which needs
+    /// the time anyway: a clock read costs tens of nanoseconds in a virtual machine.
     pub(crate) async fn send(
         self: &Arc<Self>,
         authority: &Authority,
         request: Request<Body>,
         forwarding: Option<&Forwarding<'_>>,
+        now: Instant,
     ) -> Result<(Response<Body>, RawHeaders), PoolError> {
         let (parts, mut body) = request.into_parts();
         let head_request = parts.method == Method::HEAD;
@@ -347,7 +355,7 @@ impl Pool {
         // The first write: on a reused connection the upstream may have closed meanwhile;
         // if nothing was written, another connection gets the request.
         let mut conn = loop {
-            let (conn, reused) = match self.checkout(authority) {
+            let (conn, reused) = match self.checkout(authority, now) {
                 Some(conn) => (conn, true),
                 None => (self.connect(authority).await?, false),
             };
@@ -1002,6 +1010,7 @@ mod tests {
                 &authority,
                 request(Method::GET, crate::proxy::empty()),
                 None,
+                Instant::now(),
             )
             .await
             .unwrap();
@@ -1020,7 +1029,12 @@ mod tests {
         }
         assert_eq!(text(response).await, "hello");
         let response = pool
-            .send(&authority, request(Method::POST, full("body")), None)
+            .send(
+                &authority,
+                request(Method::POST, full("body")),
+                None,
+                Instant::now(),
+            )
             .await
             .map(received)
             .unwrap();
@@ -1032,6 +1046,7 @@ mod tests {
                 &authority,
                 request(Method::HEAD, crate::proxy::empty()),
                 None,
+                Instant::now(),
             )
             .await
             .map(received)
@@ -1043,6 +1058,7 @@ mod tests {
                 &authority,
                 request(Method::DELETE, crate::proxy::empty()),
                 None,
+                Instant::now(),
             )
             .await
             .unwrap()
@@ -1059,6 +1075,7 @@ mod tests {
                 &authority,
                 request(Method::GET, crate::proxy::empty()),
                 None,
+                Instant::now(),
             )
             .await
             .unwrap()
@@ -1069,6 +1086,7 @@ mod tests {
                 &authority,
                 request(Method::GET, crate::proxy::empty()),
                 None,
+                Instant::now(),
             )
             .await
             .unwrap()
@@ -1079,6 +1097,7 @@ mod tests {
                 &authority,
                 request(Method::GET, crate::proxy::empty()),
                 None,
+                Instant::now(),
             )
             .await
             .unwrap()
@@ -1151,7 +1170,7 @@ mod tests {
         );
         for request in [spoofed, plain, binary] {
             let (response, _) = pool
-                .send(&authority, request, Some(&forwarding))
+                .send(&authority, request, Some(&forwarding), Instant::now())
                 .await
                 .unwrap();
             assert_eq!(text(response).await, "");
@@ -1224,6 +1243,7 @@ mod tests {
                     &authority,
                     request(Method::GET, crate::proxy::empty()),
                     None,
+                    Instant::now(),
                 )
                 .await
                 .unwrap()
@@ -1269,6 +1289,7 @@ mod tests {
                 &authority,
                 request(Method::PUT, StreamBody::new(frames).boxed()),
                 None,
+                Instant::now(),
             )
             .await
             .unwrap()
@@ -1284,6 +1305,7 @@ mod tests {
                 &authority,
                 request(Method::PUT, StreamBody::new(failing).boxed()),
                 None,
+                Instant::now(),
             )
             .await
             .unwrap_err();
@@ -1301,6 +1323,7 @@ mod tests {
                 &authority,
                 request(Method::GET, crate::proxy::empty()),
                 None,
+                Instant::now(),
             )
             .await
             .unwrap_err();
@@ -1317,6 +1340,7 @@ mod tests {
                 &authority,
                 request(Method::GET, crate::proxy::empty()),
                 None,
+                Instant::now(),
             )
             .await
             .unwrap()

@@ -344,7 +344,9 @@ where
     B: hyper::body::Body<Data = Bytes> + Send + Sync + 'static,
     B::Error: Into<BoxError>,
 {
-    let started = std::time::Instant::now();
+    // The one clock read before the answer: the first attempt's timeout and latency
+    // count from it too.
+    let started = tokio::time::Instant::now();
     let request_id = state.request_id(request.headers().get(REQUEST_ID));
     let table = state.table.load_full();
     let origin = request.headers().get(header::ORIGIN).cloned();
@@ -355,6 +357,7 @@ where
     });
     let mut matched = None;
     let mut rate_limit = None;
+    let mut answered_at = None;
     let forwarded = if info.ambiguous {
         // See `h1`: the request's body length is ambiguous; never forwarded.
         Err(Refusal::BadRequest(
@@ -370,9 +373,11 @@ where
                 request_id: &request_id,
                 span: span.as_ref(),
                 hop_by_hop: info.hop_by_hop,
+                started,
             },
             &mut matched,
             &mut rate_limit,
+            &mut answered_at,
         )
         .await
     };
@@ -403,7 +408,9 @@ where
     }
     if let Some(metrics) = &state.metrics {
         let status = response.status().as_u16();
-        let seconds = started.elapsed().as_secs_f64();
+        // From the request's start to the upstream's answer (its head); now, when none came.
+        let ended = answered_at.unwrap_or_else(tokio::time::Instant::now);
+        let seconds = ended.saturating_duration_since(started).as_secs_f64();
         match route.and_then(|(r, _)| r.metrics.as_ref()) {
             Some(route_metrics) => route_metrics.observe(status, seconds),
             None => metrics.observe("none", "none", status, seconds),
@@ -530,6 +537,8 @@ struct Incoming<'a> {
     span: Option<&'a HttpServerSpan>,
     /// Whether the head may hold hop-by-hop headers (see [`HeadInfo`]).
     hop_by_hop: bool,
+    /// When the gateway began to serve the request (tokio's clock).
+    started: tokio::time::Instant,
 }
 
 async fn forward<B>(
@@ -539,6 +548,7 @@ async fn forward<B>(
     incoming: Incoming<'_>,
     matched: &mut Option<Matched>,
     rate_limit: &mut Option<RateLimitInfo>,
+    answered_at: &mut Option<tokio::time::Instant>,
 ) -> Result<(Response<Body>, Option<RawHeaders>), Refusal>
 where
     B: hyper::body::Body<Data = Bytes> + Send + Sync + 'static,
@@ -549,6 +559,7 @@ where
         request_id,
         span,
         hop_by_hop,
+        started,
     } = incoming;
     let remote = peer.addr;
     let (mut parts, body) = request.into_parts();
@@ -728,12 +739,15 @@ where
         RequestBody::Buffered(bytes) => (Some(bytes), None),
         RequestBody::Streaming(body) => (None, Some(body)),
     };
+    // The first attempt counts its timeout and latency from the request's start, unless
+    // the gateway waited meanwhile (for a JWKS refresh or the body to be buffered).
+    let mut first_start = (!route.authenticate && buffered.is_none()).then_some(started);
     let attempts = if retryable && streaming.is_none() {
         1 + route.config.retries
     } else {
         1
     };
-    state.budget.deposit();
+    state.budget.deposit_at(started);
     // A consistent hash on a forwarding header hashes it as it goes upstream (the
     // caller's X-Forwarded-For with its address added, say), not as the caller sent it.
     let hashed = route
@@ -824,11 +838,7 @@ where
             }
             _ => None,
         };
-        let sent_at = picked
-            .value()
-            .metrics
-            .is_some()
-            .then(std::time::Instant::now);
+        let sent_at = first_start.take().unwrap_or_else(tokio::time::Instant::now);
         let forwarding = Forwarding {
             host: Some(&picked.value().host),
             peer_ip: &peer.ip,
@@ -840,11 +850,15 @@ where
             // Origin-form request line; the pool writes the forwarding headers.
             upstream_parts.uri = Uri::from(path_and_query.clone());
             let request = Request::from_parts(upstream_parts, attempt_body);
-            crate::deadline::timeout(
+            crate::deadline::timeout_from(
+                sent_at,
                 timeout,
-                state
-                    .pool
-                    .send(&picked.value().authority, request, Some(&forwarding)),
+                state.pool.send(
+                    &picked.value().authority,
+                    request,
+                    Some(&forwarding),
+                    sent_at,
+                ),
             )
             .await
             .map(|r| {
@@ -853,7 +867,8 @@ where
             })
         } else {
             forwarding.insert_into(&mut upstream_parts.headers);
-            crate::deadline::timeout(
+            crate::deadline::timeout_from(
+                sent_at,
                 timeout,
                 client.request(Request::from_parts(upstream_parts, attempt_body)),
             )
@@ -867,13 +882,16 @@ where
                 .map_err(|e| -> BoxError { Box::new(e) })
             })
         };
-        if let (Some(metrics), Some(sent_at)) = (&picked.value().metrics, sent_at) {
+        if let Some(metrics) = &picked.value().metrics {
             let status = match &sent {
                 Ok(Ok((response, _))) => AttemptStatus::Answered(response.status().as_u16()),
                 Ok(Err(_)) => AttemptStatus::Error,
                 Err(_) => AttemptStatus::Timeout,
             };
-            metrics.observe(status, sent_at.elapsed().as_secs_f64());
+            // Read once for this attempt's latency and the request's (see `handle`).
+            let at = tokio::time::Instant::now();
+            *answered_at = Some(at);
+            metrics.observe(status, at.saturating_duration_since(sent_at).as_secs_f64());
         }
         if let Some(client_span) = client_span {
             match &sent {
