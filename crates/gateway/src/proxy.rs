@@ -344,8 +344,8 @@ where
     B: hyper::body::Body<Data = Bytes> + Send + Sync + 'static,
     B::Error: Into<BoxError>,
 {
-    // The one clock read before the answer: the first attempt's timeout and latency
-    // count from it too.
+    // Read once: the retry budget's count and, unless the gateway waits before it (see
+    // `forward`), the first attempt's timeout and latency count from it too.
     let started = tokio::time::Instant::now();
     let request_id = state.request_id(request.headers().get(REQUEST_ID));
     let table = state.table.load_full();
