@@ -1250,3 +1250,16 @@ impl PartitionClaim for EmbeddedClaim {
         Box::pin(async move { self.ctx.release(&self.state).await })
     }
 }
+
+impl Drop for EmbeddedClaim {
+    /// A claim dropped without [`release`](PartitionClaim::release) — its worker was
+    /// fenced, or stopped — is no longer consumed by anyone here: mark it released in this
+    /// member, so that the next rebalance may claim the partition again. (Without this, a
+    /// member whose lease expired during a long stall kept the partition in its `held` map,
+    /// never consumed it again, and, heartbeating, kept the other members away from it.)
+    fn drop(&mut self) {
+        if !self.state.released.swap(true, Ordering::SeqCst) {
+            self.ctx.nudge.notify_one();
+        }
+    }
+}

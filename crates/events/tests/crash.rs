@@ -139,12 +139,24 @@ async fn sigkill_mid_stream_loses_nothing() {
     publish_range(&bus, TOTAL / 2..TOTAL).await;
     // Generous: a debug build on a loaded 2-core machine is slow, and this bounds a wait,
     // it measures nothing.
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(400);
-    while committed(&bus).await < TOTAL * 3 / 5 {
+    let started = tokio::time::Instant::now();
+    let deadline = started + Duration::from_secs(400);
+    let mut next_report = started + Duration::from_secs(10);
+    loop {
+        let now_committed = committed(&bus).await;
+        if now_committed >= TOTAL * 3 / 5 {
+            break;
+        }
+        let now = tokio::time::Instant::now();
         assert!(
-            tokio::time::Instant::now() < deadline,
-            "child made no progress"
+            now < deadline,
+            "child made too little progress: {now_committed} of {TOTAL} committed after {:?}",
+            now - started
         );
+        if now >= next_report {
+            eprintln!("{:?}: {now_committed} committed", now - started);
+            next_report = now + Duration::from_secs(10);
+        }
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
     first.kill().unwrap(); // SIGKILL

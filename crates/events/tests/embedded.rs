@@ -62,3 +62,77 @@ async fn stalled_member_is_fenced() {
     claim_b.release().await.unwrap();
     b.leave().await.unwrap();
 }
+
+/// A subscriber whose lease is lost while it handles a batch (here another member takes
+/// the partition and hands it back at once; in the wild, a stall longer than the session)
+/// is fenced at its commit — and then claims the partition again and goes on from the last
+/// commit, re-delivering the batch. (It used to keep the fenced partition as "held"
+/// forever: heartbeating, consuming nothing, keeping the others away.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fenced_subscriber_claims_its_partition_again() {
+    use std::sync::{Arc, Mutex};
+    use std::time::Duration;
+    use trellis_events::{Event, Message, StartFrom, SubscribeOptions};
+
+    let url = format!("sqlite://{}/events.db", dir().path().display());
+    let store = Store::open(&url).await.unwrap();
+    let bus = EventBus::embedded(&store).unwrap();
+    let topic = trellis_events::contract::nonce("refence");
+    bus.transport().ensure_topic(&topic, 1).await.unwrap();
+    for n in 0..3u64 {
+        bus.publish(&topic, Message::new(n)).await.unwrap();
+    }
+    let seen: Arc<Mutex<Vec<u64>>> = Arc::default();
+    let groups = store.table("event_groups").unwrap();
+    let (pk, handler_seen) = (format!("g/{topic}"), seen.clone());
+    let options = SubscribeOptions::default()
+        .start(StartFrom::Earliest)
+        .session_timeout(Duration::from_millis(300));
+    let sub = bus
+        .subscribe_with(&topic, "g", options, move |event: Event<u64>| {
+            let (groups, pk, seen) = (groups.clone(), pk.clone(), handler_seen.clone());
+            async move {
+                let first = {
+                    let mut seen = seen.lock().unwrap();
+                    seen.push(event.payload);
+                    seen.len() == 1
+                };
+                if first {
+                    // Another member takes the lease and releases it again.
+                    let intruder = br#"{"member":"intruder","released":true}"#.to_vec();
+                    groups
+                        .put(&pk, "owner/00000", intruder, Some(Duration::from_secs(60)))
+                        .await
+                        .map_err(|e| e.to_string())?;
+                }
+                Ok::<(), String>(())
+            }
+        })
+        .await
+        .unwrap();
+
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let committed = bus.transport().committed(&topic, "g").await.unwrap();
+        if committed == [Some(3)] {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the fenced subscriber never consumed its partition again: committed {committed:?}, handled {:?}",
+            seen.lock().unwrap()
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    sub.shutdown().await.unwrap();
+    let seen = seen.lock().unwrap().clone();
+    assert_eq!(
+        seen.iter().filter(|n| **n == 0).count(),
+        2,
+        "the batch of the fenced commit is delivered again: {seen:?}"
+    );
+    let mut distinct = seen.clone();
+    distinct.sort_unstable();
+    distinct.dedup();
+    assert_eq!(distinct, [0, 1, 2], "{seen:?}");
+}
